@@ -1,0 +1,188 @@
+//! Apache Curator x-discovery instances, as written by Curator's `ServiceDiscovery`, Spring Cloud
+//! Zookeeper and Dubbo 3's application-level registry: one JSON znode per instance under
+//! `/<root>/<service>/<instance id>`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use zklb_wire::{Instance, SourceFormat, Status};
+
+use super::DecodeError;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CuratorInstance {
+    id: Option<String>,
+    address: Option<String>,
+    port: Option<i64>,
+    ssl_port: Option<i64>,
+    payload: Option<Value>,
+    #[serde(rename = "registrationTimeUTC")]
+    registration_time_utc: Option<i64>,
+    /// Curator 5 writes it; older registrars omit it, which means enabled.
+    enabled: Option<bool>,
+}
+
+/// Decodes one Curator instance znode. `znode_name` stands in for a missing `id`.
+///
+/// Conventions read from `payload.metadata` (Spring Cloud and Dubbo 3 put metadata there):
+/// `instance_status` other than `UP` marks the instance down; `weight` and `zone` set those fields.
+pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
+    let raw: CuratorInstance = serde_json::from_slice(data)?;
+    let address = raw
+        .address
+        .filter(|address| !address.trim().is_empty())
+        .ok_or(DecodeError::Missing("address"))?;
+    let port = match (raw.port, raw.ssl_port) {
+        (Some(port), _) => port_number("port", port)?,
+        (None, Some(_)) => {
+            return Err(DecodeError::Invalid {
+                field: "port",
+                reason: "only sslPort is set, and TLS upstreams are not supported yet".into(),
+            })
+        }
+        (None, None) => return Err(DecodeError::Missing("port")),
+    };
+    let metadata = payload_metadata(raw.payload.as_ref());
+    let reported_up = metadata
+        .get("instance_status")
+        .is_none_or(|status| status.eq_ignore_ascii_case("UP"));
+    let status = if raw.enabled.unwrap_or(true) && reported_up {
+        Status::Up
+    } else {
+        Status::Down
+    };
+    let weight = match metadata.get("weight") {
+        Some(weight) => weight.parse().map_err(|_| DecodeError::Invalid {
+            field: "payload.metadata.weight",
+            reason: format!("{weight:?} is not a non-negative integer"),
+        })?,
+        None => 1,
+    };
+    Ok(Instance {
+        id: raw.id.unwrap_or_else(|| znode_name.to_string()),
+        address,
+        port,
+        weight,
+        zone: metadata.get("zone").cloned(),
+        status,
+        registered_at: raw.registration_time_utc,
+        metadata,
+        source: SourceFormat::Curator,
+    })
+}
+
+fn port_number(field: &'static str, port: i64) -> Result<u16, DecodeError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| DecodeError::Invalid {
+            field,
+            reason: format!("{port} is not a TCP port"),
+        })
+}
+
+/// `payload.metadata` as strings; payloads of other shapes carry no metadata we understand.
+fn payload_metadata(payload: Option<&Value>) -> BTreeMap<String, String> {
+    let Some(Value::Object(metadata)) = payload.and_then(|payload| payload.get("metadata")) else {
+        return BTreeMap::new();
+    };
+    metadata
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            (key.clone(), value)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/curator/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|error| panic!("{path}: {error}"))
+    }
+
+    #[test]
+    fn plain_curator_instance() {
+        let instance = decode("ignored", &fixture("curator-5.json")).expect("decodes");
+        assert_eq!(instance.id, "9a0ca2d4-6bf3-4e3f-a4c5-3f0f5a1e2b7c");
+        assert_eq!(instance.address, "10.1.2.3");
+        assert_eq!(instance.port, 8080);
+        assert_eq!(instance.weight, 1);
+        assert_eq!(instance.status, Status::Up);
+        assert_eq!(instance.registered_at, Some(1_732_000_000_000));
+        assert!(instance.metadata.is_empty());
+        assert_eq!(instance.source, SourceFormat::Curator);
+    }
+
+    #[test]
+    fn spring_cloud_instance_status_and_metadata() {
+        let up = decode("x", &fixture("spring-cloud-up.json")).expect("decodes");
+        assert_eq!(up.status, Status::Up);
+        assert_eq!(up.zone.as_deref(), Some("eu-west-1a"));
+        assert_eq!(
+            up.metadata.get("version").map(String::as_str),
+            Some("1.4.2")
+        );
+        let out = decode("x", &fixture("spring-cloud-out-of-service.json")).expect("decodes");
+        assert_eq!(out.status, Status::Down);
+    }
+
+    #[test]
+    fn dubbo3_application_instance() {
+        let instance = decode("x", &fixture("dubbo3.json")).expect("decodes");
+        assert_eq!(instance.address, "192.168.10.21");
+        assert_eq!(instance.port, 20880);
+        assert_eq!(instance.status, Status::Up);
+        assert_eq!(
+            instance
+                .metadata
+                .get("dubbo.metadata.storage-type")
+                .map(String::as_str),
+            Some("local")
+        );
+    }
+
+    #[test]
+    fn disabled_instances_are_down() {
+        let instance = decode("x", &fixture("disabled.json")).expect("decodes");
+        assert_eq!(instance.status, Status::Down);
+    }
+
+    #[test]
+    fn missing_id_falls_back_to_the_znode_name() {
+        let instance =
+            decode("node-7", br#"{"address": "10.0.0.7", "port": 81}"#).expect("decodes");
+        assert_eq!(instance.id, "node-7");
+    }
+
+    #[test]
+    fn malformed_instances_say_what_is_wrong() {
+        let error = |data: &str| {
+            decode("x", data.as_bytes())
+                .expect_err("rejected")
+                .to_string()
+        };
+        assert!(error("{not json").contains("not valid JSON"));
+        assert!(error(r#"{"port": 80}"#).contains("missing field `address`"));
+        assert!(error(r#"{"address": "10.0.0.1"}"#).contains("missing field `port`"));
+        assert!(
+            error(r#"{"address": "10.0.0.1", "port": 70000}"#).contains("70000 is not a TCP port")
+        );
+        assert!(error(r#"{"address": "10.0.0.1", "sslPort": 443}"#).contains("only sslPort"));
+        assert!(error(
+            r#"{"address": "10.0.0.1", "port": 80, "payload": {"metadata": {"weight": "-1"}}}"#
+        )
+        .contains("payload.metadata.weight"));
+    }
+}

@@ -1,0 +1,214 @@
+//! The normalized registry: every service and its instances, versioned by ZooKeeper zxids.
+//!
+//! Pure bookkeeping: the watcher reads znodes and hands them over; this module decodes them,
+//! skips what is malformed, and computes versions that every replica agrees on.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use zklb_wire::{Service, ServiceSet, Version};
+
+use crate::decode;
+
+/// One instance znode as read from ZooKeeper.
+#[derive(Debug, Clone)]
+pub struct Znode {
+    pub name: String,
+    /// zxid of the znode's last data change.
+    pub mzxid: i64,
+    pub data: Vec<u8>,
+}
+
+/// One service directory as read from ZooKeeper.
+#[derive(Debug, Clone)]
+pub struct ServiceRead {
+    /// zxid of the last creation or deletion among the service's instances.
+    pub pzxid: i64,
+    pub instances: Vec<Znode>,
+}
+
+/// Counts malformed znodes skipped since start, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct DecodeStats {
+    pub skipped_znodes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registry {
+    /// zxid of the last creation or deletion of a service directory: the version of the set of
+    /// services, and so of Envoy's clusters.
+    pub services_pzxid: i64,
+    pub services: BTreeMap<String, Service>,
+}
+
+impl Registry {
+    /// The version of the whole registry: the newest zxid it reflects.
+    pub fn version(&self) -> Version {
+        self.services
+            .values()
+            .map(|service| service.version)
+            .fold(self.services_pzxid, Version::max)
+    }
+
+    /// Replaces one service with what was read; `None` means its directory is gone.
+    pub fn apply_service(&mut self, name: &str, read: Option<ServiceRead>, stats: &DecodeStats) {
+        match read {
+            Some(read) => {
+                let service = decode_service(name, read, stats);
+                self.services.insert(name.to_string(), service);
+            }
+            None => {
+                self.services.remove(name);
+            }
+        }
+    }
+
+    /// Keeps exactly the services in `names` (the root's children), dropping the others.
+    pub fn retain_services(&mut self, names: &[String], pzxid: i64) {
+        self.services.retain(|name, _| names.contains(name));
+        self.services_pzxid = pzxid;
+    }
+
+    pub fn to_service_set(&self) -> ServiceSet {
+        ServiceSet {
+            version: self.version(),
+            services: self.services.clone(),
+        }
+    }
+}
+
+/// Whether a child of the root names a service zklb can publish.
+pub fn is_service_directory(name: &str) -> bool {
+    if zklb_wire::is_valid_service_name(name) {
+        return true;
+    }
+    tracing::warn!(
+        service = name,
+        "skipping service: names may only use ASCII letters, digits, '.', '_' and '-'"
+    );
+    false
+}
+
+fn decode_service(name: &str, read: ServiceRead, stats: &DecodeStats) -> Service {
+    let mut version = read.pzxid;
+    let mut instances = Vec::with_capacity(read.instances.len());
+    for znode in read.instances {
+        version = version.max(znode.mzxid);
+        match decode::curator::decode(&znode.name, &znode.data) {
+            Ok(instance) => instances.push(instance),
+            Err(error) => {
+                stats.skipped_znodes.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = name, znode = znode.name, %error, "skipping malformed instance znode");
+            }
+        }
+    }
+    // Canonical order, so that equal registries compare equal whatever order ZooKeeper listed.
+    instances.sort_by(|a, b| (&a.address, a.port, &a.id).cmp(&(&b.address, b.port, &b.id)));
+    Service {
+        name: name.to_string(),
+        version,
+        instances,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn znode(name: &str, mzxid: i64, port: u16) -> Znode {
+        Znode {
+            name: name.into(),
+            mzxid,
+            data: format!(r#"{{"id": "{name}", "address": "127.0.0.1", "port": {port}}}"#)
+                .into_bytes(),
+        }
+    }
+
+    #[test]
+    fn versions_are_the_newest_zxid_seen() {
+        let stats = DecodeStats::default();
+        let mut registry = Registry::default();
+        registry.retain_services(&["echo".into()], 5);
+        registry.apply_service(
+            "echo",
+            Some(ServiceRead {
+                pzxid: 8,
+                instances: vec![znode("a", 7, 8001), znode("b", 12, 8002)],
+            }),
+            &stats,
+        );
+        assert_eq!(registry.services["echo"].version, 12);
+        assert_eq!(registry.version(), 12);
+        registry.retain_services(&["echo".into()], 20);
+        assert_eq!(registry.version(), 20);
+    }
+
+    #[test]
+    fn malformed_znodes_are_skipped_and_counted_without_losing_the_rest() {
+        let stats = DecodeStats::default();
+        let mut registry = Registry::default();
+        let mut broken = znode("broken", 9, 1);
+        broken.data = b"{\"address\": 17}".to_vec();
+        registry.apply_service(
+            "echo",
+            Some(ServiceRead {
+                pzxid: 3,
+                instances: vec![znode("a", 4, 8001), broken],
+            }),
+            &stats,
+        );
+        assert_eq!(registry.services["echo"].instances.len(), 1);
+        assert_eq!(registry.services["echo"].version, 9);
+        assert_eq!(stats.skipped_znodes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn instance_order_does_not_depend_on_listing_order() {
+        let stats = DecodeStats::default();
+        let read = |instances| {
+            Some(ServiceRead {
+                pzxid: 1,
+                instances,
+            })
+        };
+        let mut first = Registry::default();
+        first.apply_service(
+            "echo",
+            read(vec![znode("a", 2, 8001), znode("b", 3, 8002)]),
+            &stats,
+        );
+        let mut second = Registry::default();
+        second.apply_service(
+            "echo",
+            read(vec![znode("b", 3, 8002), znode("a", 2, 8001)]),
+            &stats,
+        );
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn removed_services_disappear() {
+        let stats = DecodeStats::default();
+        let mut registry = Registry::default();
+        registry.apply_service(
+            "echo",
+            Some(ServiceRead {
+                pzxid: 1,
+                instances: vec![],
+            }),
+            &stats,
+        );
+        registry.apply_service(
+            "other",
+            Some(ServiceRead {
+                pzxid: 1,
+                instances: vec![],
+            }),
+            &stats,
+        );
+        registry.apply_service("echo", None, &stats);
+        registry.retain_services(&[], 6);
+        assert!(registry.services.is_empty());
+        assert_eq!(registry.version(), 6);
+    }
+}

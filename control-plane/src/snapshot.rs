@@ -1,0 +1,91 @@
+//! What the watcher publishes and every HTTP and xDS handler reads.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use zklb_wire::{ServiceSet, Version};
+
+use crate::registry::{DecodeStats, Registry};
+
+/// The registry as last read from ZooKeeper. Only the watcher writes one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub services: ServiceSet,
+    /// Version of the set of service names, which is all that Envoy's cluster list depends on.
+    pub clusters_version: Version,
+}
+
+impl Snapshot {
+    pub fn of(registry: &Registry) -> Snapshot {
+        Snapshot {
+            services: registry.to_service_set(),
+            clusters_version: registry.services_pzxid,
+        }
+    }
+}
+
+/// How fresh the snapshot is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Whether the snapshot follows ZooKeeper right now (connected and read).
+    pub connected: bool,
+    /// Whether ZooKeeper has been read at least once.
+    pub synced: bool,
+    /// Since when the snapshot may lag ZooKeeper; `None` while connected.
+    pub stale_since: Option<SystemTime>,
+}
+
+impl Health {
+    pub fn in_sync() -> Health {
+        Health {
+            connected: true,
+            synced: true,
+            stale_since: None,
+        }
+    }
+
+    pub fn lost(&mut self) {
+        self.connected = false;
+        self.stale_since.get_or_insert_with(SystemTime::now);
+    }
+
+    /// Seconds the snapshot may have lagged ZooKeeper; zero while connected.
+    pub fn stale_seconds(&self) -> f64 {
+        self.stale_since
+            .map(|since| since.elapsed().unwrap_or_default().as_secs_f64())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The sending and receiving ends that tie the watcher to the servers.
+#[derive(Clone)]
+pub struct Channels {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub health: watch::Receiver<Health>,
+    pub stats: Arc<DecodeStats>,
+}
+
+pub struct Publishers {
+    pub snapshots: watch::Sender<Arc<Snapshot>>,
+    pub health: watch::Sender<Health>,
+    pub stats: Arc<DecodeStats>,
+}
+
+pub fn channels() -> (Publishers, Channels) {
+    let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (health_tx, health_rx) = watch::channel(Health::default());
+    let stats = Arc::new(DecodeStats::default());
+    (
+        Publishers {
+            snapshots: snapshots_tx,
+            health: health_tx,
+            stats: Arc::clone(&stats),
+        },
+        Channels {
+            snapshots: snapshots_rx,
+            health: health_rx,
+            stats,
+        },
+    )
+}

@@ -1,0 +1,197 @@
+//! Envoy's cluster membership over REST-JSON xDS: one EDS cluster per service, whose members are
+//! exactly the service's routable instances, so that neither the filter's candidates nor the
+//! `override_host` fallback can leave the service.
+//!
+//! Envoy sends the version it last accepted; an unchanged resource is held as a long-poll until
+//! it changes, then answered, or answered 304 when the hold ends.
+
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zklb_wire::{Instance, Version};
+
+use crate::api::{respond_or_not_modified, ApiError, AppState};
+use crate::snapshot::Snapshot;
+
+const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const ENDPOINTS_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// How the generated clusters reach back to the control plane and behave.
+#[derive(Debug, Clone)]
+pub struct XdsSettings {
+    /// Envoy's static cluster that points at the control plane.
+    pub control_plane_cluster: String,
+    /// How long Envoy waits for a held EDS poll; must exceed the hold.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DiscoveryRequest {
+    #[serde(default)]
+    version_info: String,
+    #[serde(default)]
+    resource_names: Vec<String>,
+}
+
+pub async fn discover_clusters(
+    State(state): State<AppState>,
+    request: Result<Json<DiscoveryRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = request.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let known = request.version_info;
+    let changed = state.snapshot_when(state.max_hold, |snapshot| {
+        snapshot.clusters_version.to_string() != known
+    });
+    let settings = &state.xds;
+    Ok(respond_or_not_modified(changed, |snapshot| {
+        Json(clusters(snapshot, settings)).into_response()
+    })
+    .await)
+}
+
+pub async fn discover_endpoints(
+    State(state): State<AppState>,
+    request: Result<Json<DiscoveryRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = request.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let names = request.resource_names;
+    let known = request.version_info;
+    let changed = state.snapshot_when(state.max_hold, |snapshot| {
+        endpoints_version(snapshot, &names).to_string() != known
+    });
+    Ok(respond_or_not_modified(changed, |snapshot| {
+        Json(endpoints(snapshot, &names)).into_response()
+    })
+    .await)
+}
+
+/// A `DiscoveryResponse` with one cluster per service.
+pub fn clusters(snapshot: &Snapshot, settings: &XdsSettings) -> Value {
+    let resources: Vec<Value> = snapshot
+        .services
+        .services
+        .keys()
+        .map(|service| cluster(service, settings))
+        .collect();
+    json!({
+        "version_info": snapshot.clusters_version.to_string(),
+        "type_url": CLUSTER_TYPE,
+        "resources": resources,
+    })
+}
+
+fn cluster(service: &str, settings: &XdsSettings) -> Value {
+    json!({
+        "@type": CLUSTER_TYPE,
+        "name": zklb_wire::cluster_name(service),
+        "type": "EDS",
+        "connect_timeout": duration(settings.connect_timeout),
+        "eds_cluster_config": {
+            "eds_config": {
+                "resource_api_version": "V3",
+                "api_config_source": {
+                    "api_type": "REST",
+                    "transport_api_version": "V3",
+                    "cluster_names": [settings.control_plane_cluster],
+                    // Only paces retries after a failed poll: a held poll returns on change.
+                    "refresh_delay": "1s",
+                    "request_timeout": duration(settings.request_timeout),
+                }
+            }
+        },
+        // Every attempt of a request may be a retry; Envoy's default of 3 concurrent retries per
+        // cluster turns one dead backend into client errors under load.
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": 10000}]},
+        "load_balancing_policy": {"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                "override_host_sources": [{"header": zklb_wire::CANDIDATES_HEADER}],
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.random",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.random.v3.Random"}
+                }}]}
+            }
+        }}]},
+        // The candidate list is for Envoy alone: removed before the request leaves for a backend
+        // (after host selection, which has already read it).
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.header_mutation",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                            "mutations": {"request_mutations": [{"remove": zklb_wire::CANDIDATES_HEADER}]}
+                        }
+                    },
+                    {
+                        "name": "envoy.filters.http.upstream_codec",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
+                    }
+                ]
+            }
+        }
+    })
+}
+
+/// The version of the named clusters' memberships: the newest of their services' versions.
+fn endpoints_version(snapshot: &Snapshot, cluster_names: &[String]) -> Version {
+    cluster_names
+        .iter()
+        .filter_map(|name| zklb_wire::service_of_cluster(name))
+        .filter_map(|service| snapshot.services.services.get(service))
+        .map(|service| service.version)
+        .max()
+        .unwrap_or_default()
+}
+
+/// A `DiscoveryResponse` with the members of each named cluster; a cluster that is no service's
+/// gets no members.
+pub fn endpoints(snapshot: &Snapshot, cluster_names: &[String]) -> Value {
+    let resources: Vec<Value> = cluster_names
+        .iter()
+        .map(|name| {
+            let instances = zklb_wire::service_of_cluster(name)
+                .and_then(|service| snapshot.services.services.get(service))
+                .map(|service| service.instances.as_slice())
+                .unwrap_or_default();
+            load_assignment(name, instances)
+        })
+        .collect();
+    json!({
+        "version_info": endpoints_version(snapshot, cluster_names).to_string(),
+        "type_url": ENDPOINTS_TYPE,
+        "resources": resources,
+    })
+}
+
+fn load_assignment(cluster: &str, instances: &[Instance]) -> Value {
+    let members: Vec<Value> = instances
+        .iter()
+        .filter(|instance| instance.is_routable())
+        .map(|instance| {
+            json!({"endpoint": {"address": {"socket_address": {
+                "address": instance.address,
+                "port_value": instance.port,
+            }}}})
+        })
+        .collect();
+    json!({
+        "@type": ENDPOINTS_TYPE,
+        "cluster_name": cluster,
+        "endpoints": [{"lb_endpoints": members}],
+    })
+}
+
+fn duration(duration: Duration) -> String {
+    format!("{}s", duration.as_secs_f64())
+}

@@ -1,0 +1,196 @@
+//! The plugin configuration, parsed and checked once when Envoy loads the plugin.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What a root context was configured to be, from its JSON plugin configuration
+/// (`{"role": "poller", ...}` or `{"role": "router", ...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginConfig {
+    Poller(PollerConfig),
+    Router(RouterConfig),
+}
+
+/// The singleton that fetches the service list from the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollerConfig {
+    /// The Envoy cluster through which the control plane is reached.
+    pub control_plane_cluster: String,
+    /// How long the control plane may hold a poll open waiting for a change.
+    pub wait: Duration,
+    /// How long to wait before polling again after a failed poll.
+    pub retry_interval: Duration,
+}
+
+/// The HTTP filter that chooses the upstream candidates of every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// Candidates written per request: the route's `num_retries` + 1, so that every attempt goes
+    /// to a different host.
+    pub candidates: usize,
+    /// How often each worker checks shared data for a newer service list.
+    pub refresh_interval: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+enum RawConfig {
+    Poller(RawPoller),
+    Router(RawRouter),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoller {
+    control_plane_cluster: String,
+    #[serde(default = "default_wait_seconds")]
+    wait_seconds: u64,
+    #[serde(default = "default_retry_interval_ms")]
+    retry_interval_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    retries: usize,
+    #[serde(default = "default_refresh_interval_ms")]
+    refresh_interval_ms: u64,
+}
+
+fn default_wait_seconds() -> u64 {
+    30
+}
+
+fn default_retry_interval_ms() -> u64 {
+    1_000
+}
+
+fn default_refresh_interval_ms() -> u64 {
+    100
+}
+
+/// Most retries a route may ask for; the candidate header stays a few hundred bytes.
+const MAX_RETRIES: usize = 16;
+
+/// Why a plugin configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl PluginConfig {
+    pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|error| {
+            ConfigError(format!(
+                "expected JSON {{\"role\": \"poller\" | \"router\", ...}}: {error}"
+            ))
+        })?;
+        match raw {
+            RawConfig::Poller(raw) => {
+                if raw.control_plane_cluster.is_empty() {
+                    return Err(ConfigError(
+                        "poller: control_plane_cluster must not be empty".into(),
+                    ));
+                }
+                if raw.wait_seconds == 0 || raw.wait_seconds > 300 {
+                    return Err(ConfigError(format!(
+                        "poller: wait_seconds must be between 1 and 300, got {}",
+                        raw.wait_seconds
+                    )));
+                }
+                if raw.retry_interval_ms == 0 {
+                    return Err(ConfigError(
+                        "poller: retry_interval_ms must be positive".into(),
+                    ));
+                }
+                Ok(PluginConfig::Poller(PollerConfig {
+                    control_plane_cluster: raw.control_plane_cluster,
+                    wait: Duration::from_secs(raw.wait_seconds),
+                    retry_interval: Duration::from_millis(raw.retry_interval_ms),
+                }))
+            }
+            RawConfig::Router(raw) => {
+                if raw.retries > MAX_RETRIES {
+                    return Err(ConfigError(format!(
+                        "router: retries must be at most {MAX_RETRIES}, got {}",
+                        raw.retries
+                    )));
+                }
+                if raw.refresh_interval_ms == 0 {
+                    return Err(ConfigError(
+                        "router: refresh_interval_ms must be positive".into(),
+                    ));
+                }
+                Ok(PluginConfig::Router(RouterConfig {
+                    candidates: raw.retries + 1,
+                    refresh_interval: Duration::from_millis(raw.refresh_interval_ms),
+                }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejection(json: &str) -> String {
+        PluginConfig::parse(json.as_bytes())
+            .expect_err("must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn router_config_asks_for_one_candidate_per_attempt() {
+        let config = PluginConfig::parse(br#"{"role": "router", "retries": 2}"#).expect("valid");
+        assert_eq!(
+            config,
+            PluginConfig::Router(RouterConfig {
+                candidates: 3,
+                refresh_interval: Duration::from_millis(100)
+            })
+        );
+    }
+
+    #[test]
+    fn poller_config_has_defaults() {
+        let config = PluginConfig::parse(br#"{"role": "poller", "control_plane_cluster": "cp"}"#)
+            .expect("valid");
+        assert_eq!(
+            config,
+            PluginConfig::Poller(PollerConfig {
+                control_plane_cluster: "cp".into(),
+                wait: Duration::from_secs(30),
+                retry_interval: Duration::from_secs(1),
+            })
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_the_reason() {
+        assert!(rejection("").contains("expected JSON"));
+        assert!(rejection(r#"{"role": "balancer"}"#).contains("unknown variant"));
+        assert!(rejection(r#"{"role": "router"}"#).contains("missing field `retries`"));
+        assert!(
+            rejection(r#"{"role": "router", "retries": 2, "retrys": 3}"#)
+                .contains("unknown field `retrys`")
+        );
+        assert!(rejection(r#"{"role": "router", "retries": 99}"#).contains("at most 16"));
+        assert!(
+            rejection(r#"{"role": "poller", "control_plane_cluster": ""}"#)
+                .contains("must not be empty")
+        );
+        assert!(rejection(
+            r#"{"role": "poller", "control_plane_cluster": "cp", "wait_seconds": 0}"#
+        )
+        .contains("between 1 and 300"));
+    }
+}

@@ -1,0 +1,119 @@
+//! The whole per-request decision, free of host calls: which cluster, which candidates, or why
+//! the request is refused.
+
+use rand::Rng;
+
+use crate::balancer::choose_candidates;
+use crate::table::{Lookup, ServiceTable};
+
+/// Where a request goes: the headers the filter writes for the router and `override_host`.
+#[derive(Debug, PartialEq)]
+pub struct Plan {
+    pub cluster: String,
+    /// `ip:port,ip:port,...`: attempt k goes to entry k.
+    pub candidates: String,
+}
+
+/// A request the filter answers itself.
+#[derive(Debug, PartialEq)]
+pub struct Refusal {
+    pub status: u32,
+    pub reason: String,
+}
+
+pub fn plan_request(
+    table: Option<&ServiceTable>,
+    authority: &str,
+    candidates: usize,
+    rng: &mut impl Rng,
+) -> Result<Plan, Refusal> {
+    let Some(table) = table else {
+        // Fail closed: without the list there is no way to keep the request inside a service.
+        return Err(Refusal {
+            status: 503,
+            reason: "zklb has not loaded the service list yet".into(),
+        });
+    };
+    let route = match table.lookup(authority) {
+        Lookup::Found(route) => route,
+        Lookup::Unknown(service) => {
+            return Err(Refusal {
+                status: 404,
+                reason: format!("no service named {service:?} is registered"),
+            })
+        }
+    };
+    let chosen = choose_candidates(&route.hosts, candidates, rng);
+    if chosen.is_empty() {
+        return Err(Refusal {
+            status: 503,
+            reason: format!("service {:?} has no available instances", route.name),
+        });
+    }
+    Ok(Plan {
+        cluster: route.cluster.clone(),
+        candidates: chosen
+            .iter()
+            .map(|host| host.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+    use std::collections::BTreeMap;
+    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat, Status};
+
+    fn table(hosts: &[u16]) -> ServiceTable {
+        let instances = hosts
+            .iter()
+            .map(|&port| Instance {
+                id: port.to_string(),
+                address: "127.0.0.1".into(),
+                port,
+                weight: 1,
+                zone: None,
+                status: Status::Up,
+                registered_at: None,
+                metadata: BTreeMap::new(),
+                source: SourceFormat::Curator,
+            })
+            .collect();
+        let service = Service {
+            name: "echo".into(),
+            version: 1,
+            instances,
+        };
+        ServiceTable::from_service_set(&ServiceSet {
+            version: 1,
+            services: BTreeMap::from([("echo".to_string(), service)]),
+        })
+    }
+
+    #[test]
+    fn a_known_service_gets_its_cluster_and_distinct_candidates() {
+        let table = table(&[8001, 8002, 8003, 8004]);
+        let mut rng = SmallRng::seed_from_u64(3);
+        let plan = plan_request(Some(&table), "echo:10000", 3, &mut rng).expect("routable");
+        assert_eq!(plan.cluster, zklb_wire::cluster_name("echo"));
+        let hosts: Vec<&str> = plan.candidates.split(',').collect();
+        assert_eq!(hosts.len(), 3);
+        assert!(hosts.iter().all(|host| host.starts_with("127.0.0.1:800")));
+    }
+
+    #[test]
+    fn unknown_services_get_404_and_empty_ones_503() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let unknown = plan_request(Some(&table(&[8001])), "zklb_control_plane", 3, &mut rng);
+        assert_eq!(unknown.expect_err("refused").status, 404);
+        let empty = plan_request(Some(&table(&[])), "echo", 3, &mut rng).expect_err("refused");
+        assert_eq!(empty.status, 503);
+        assert!(empty.reason.contains("no available instances"));
+        let unloaded = plan_request(None, "echo", 3, &mut rng).expect_err("refused");
+        assert_eq!(unloaded.status, 503);
+    }
+}

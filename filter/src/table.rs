@@ -1,0 +1,148 @@
+//! The filter's view of the services: which request goes to which service, and its hosts.
+
+use std::collections::HashMap;
+
+use zklb_wire::{ServiceSet, Version};
+
+/// The routable hosts of every service, keyed by lower-case service name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceTable {
+    pub version: Version,
+    services: HashMap<String, ServiceRoute>,
+}
+
+/// Where the requests of one service go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceRoute {
+    pub name: String,
+    /// The Envoy cluster whose members are this service's instances.
+    pub cluster: String,
+    /// `ip:port` of every routable instance.
+    pub hosts: Vec<String>,
+}
+
+/// What a request maps to.
+#[derive(Debug, PartialEq)]
+pub enum Lookup<'a> {
+    Found(&'a ServiceRoute),
+    /// No service has this name.
+    Unknown(String),
+}
+
+impl ServiceTable {
+    pub fn from_service_set(set: &ServiceSet) -> ServiceTable {
+        let services = set
+            .services
+            .values()
+            .filter(|service| zklb_wire::is_valid_service_name(&service.name))
+            .map(|service| {
+                let route = ServiceRoute {
+                    name: service.name.clone(),
+                    cluster: zklb_wire::cluster_name(&service.name),
+                    hosts: service
+                        .instances
+                        .iter()
+                        .filter(|instance| instance.is_routable())
+                        .map(|instance| instance.host())
+                        .collect(),
+                };
+                (service.name.to_ascii_lowercase(), route)
+            })
+            .collect();
+        ServiceTable {
+            version: set.version,
+            services,
+        }
+    }
+
+    /// Maps a request to its service by the `Host` header (`:authority`): the host name without
+    /// its port names the service, compared case-insensitively.
+    pub fn lookup(&self, authority: &str) -> Lookup<'_> {
+        let host = strip_port(authority).to_ascii_lowercase();
+        match self.services.get(&host) {
+            Some(route) => Lookup::Found(route),
+            None => Lookup::Unknown(host),
+        }
+    }
+}
+
+fn strip_port(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host
+        }
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use zklb_wire::{Instance, Service, SourceFormat, Status};
+
+    fn instance(address: &str, port: u16, status: Status) -> Instance {
+        Instance {
+            id: format!("{address}:{port}"),
+            address: address.into(),
+            port,
+            weight: 1,
+            zone: None,
+            status,
+            registered_at: None,
+            metadata: BTreeMap::new(),
+            source: SourceFormat::Curator,
+        }
+    }
+
+    fn table() -> ServiceTable {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "Echo".to_string(),
+            Service {
+                name: "Echo".into(),
+                version: 7,
+                instances: vec![
+                    instance("127.0.0.1", 8001, Status::Up),
+                    instance("127.0.0.1", 8002, Status::Down),
+                    instance("backend.example", 8003, Status::Up),
+                ],
+            },
+        );
+        ServiceTable::from_service_set(&ServiceSet {
+            version: 9,
+            services,
+        })
+    }
+
+    #[test]
+    fn requests_map_to_services_by_host_without_port_ignoring_case() {
+        let table = table();
+        for authority in ["echo", "ECHO:10000", "Echo:80"] {
+            let Lookup::Found(route) = table.lookup(authority) else {
+                panic!("{authority} must map to echo");
+            };
+            assert_eq!(route.name, "Echo");
+            assert_eq!(route.cluster, zklb_wire::cluster_name("Echo"));
+        }
+        assert_eq!(table.lookup("other:80"), Lookup::Unknown("other".into()));
+        assert_eq!(table.version, 9);
+    }
+
+    #[test]
+    fn only_routable_instances_become_hosts() {
+        let table = table();
+        let Lookup::Found(route) = table.lookup("echo") else {
+            panic!("echo must exist");
+        };
+        assert_eq!(route.hosts, vec!["127.0.0.1:8001".to_string()]);
+    }
+
+    #[test]
+    fn ports_are_stripped_only_when_they_are_ports() {
+        assert_eq!(strip_port("echo:8080"), "echo");
+        assert_eq!(strip_port("echo"), "echo");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("::1"), "::1");
+    }
+}

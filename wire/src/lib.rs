@@ -1,0 +1,182 @@
+//! The JSON that the control plane publishes and the filter reads.
+//!
+//! Both sides depend on this crate so that the format cannot drift. It has no I/O and no runtime
+//! dependencies beyond serde, so it builds for `wasm32-wasip1` as well as natively.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Request header in which the filter hands Envoy's `override_host` load-balancing policy the
+/// ordered candidate hosts (`ip:port,ip:port,...`): attempt k goes to entry k.
+pub const CANDIDATES_HEADER: &str = "x-zklb-candidates";
+
+/// Request header in which the filter names the Envoy cluster of the chosen service; the route
+/// selects its cluster with `cluster_header`.
+pub const CLUSTER_HEADER: &str = "x-zklb-cluster";
+
+/// Prefix of every Envoy cluster that the control plane creates for a service. It keeps service
+/// clusters apart from static ones (the control plane's own above all).
+const SERVICE_CLUSTER_PREFIX: &str = "zklb_service_";
+
+/// The Envoy cluster that holds the members of `service`.
+pub fn cluster_name(service: &str) -> String {
+    format!("{SERVICE_CLUSTER_PREFIX}{service}")
+}
+
+/// Whether `name` can name a service: it must be usable verbatim in an Envoy cluster name and an
+/// HTTP header value, so it is limited to ASCII letters, digits, `.`, `_` and `-`.
+pub fn is_valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The service whose cluster is `cluster`, if `cluster` is a service cluster.
+pub fn service_of_cluster(cluster: &str) -> Option<&str> {
+    cluster.strip_prefix(SERVICE_CLUSTER_PREFIX)
+}
+
+/// A snapshot version: the ZooKeeper zxid of the last change it reflects. Every control-plane
+/// replica that has seen the same ZooKeeper state computes the same version, so a client that
+/// moves between replicas never sees it go backwards for a different list.
+pub type Version = i64;
+
+/// Every service the control plane knows, as `GET /v1/services` answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSet {
+    pub version: Version,
+    pub services: BTreeMap<String, Service>,
+}
+
+/// One service's instances, as `GET /v1/services/{name}` answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub version: Version,
+    pub instances: Vec<Instance>,
+}
+
+/// One registered instance, normalized from whichever registry format announced it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// The registrar's instance id (the znode name when the format has none).
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    pub status: Status,
+    /// Milliseconds since the Unix epoch, when the registrar says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    pub source: SourceFormat,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Instance {
+    /// `ip:port`, the form in which Envoy names a cluster member.
+    pub fn host(&self) -> String {
+        match self.address.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
+            _ => format!("{}:{}", self.address, self.port),
+        }
+    }
+
+    /// Whether requests may be sent to this instance: it is up, and its address is an IP literal,
+    /// which is what Envoy requires of an EDS member and of an `override_host` entry.
+    pub fn is_routable(&self) -> bool {
+        self.status == Status::Up && self.port != 0 && self.address.parse::<IpAddr>().is_ok()
+    }
+}
+
+/// Whether an instance takes traffic, as its registrar says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Up,
+    /// Registered but not taking traffic (disabled, out of service, starting, down).
+    Down,
+}
+
+/// The registry format an instance was decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    /// Apache Curator x-discovery JSON (also written by Spring Cloud Zookeeper and Dubbo 3).
+    Curator,
+}
+
+/// The JSON body of every HTTP error the control plane or the filter answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(address: &str, port: u16, status: Status) -> Instance {
+        Instance {
+            id: "a".into(),
+            address: address.into(),
+            port,
+            weight: 1,
+            zone: None,
+            status,
+            registered_at: None,
+            metadata: BTreeMap::new(),
+            source: SourceFormat::Curator,
+        }
+    }
+
+    #[test]
+    fn cluster_names_round_trip_and_reject_foreign_clusters() {
+        assert_eq!(service_of_cluster(&cluster_name("orders")), Some("orders"));
+        assert_eq!(service_of_cluster("zklb_control_plane"), None);
+    }
+
+    #[test]
+    fn service_names_are_limited_to_what_envoy_and_headers_accept() {
+        assert!(is_valid_service_name("com.example.Orders-v2_eu"));
+        assert!(!is_valid_service_name(""));
+        assert!(!is_valid_service_name("two words"));
+        assert!(!is_valid_service_name("a,b"));
+        assert!(!is_valid_service_name("caf\u{e9}"));
+    }
+
+    #[test]
+    fn hosts_are_written_the_way_envoy_names_members() {
+        assert_eq!(instance("10.0.0.1", 80, Status::Up).host(), "10.0.0.1:80");
+        assert_eq!(instance("::1", 80, Status::Up).host(), "[::1]:80");
+    }
+
+    #[test]
+    fn only_up_instances_with_ip_addresses_are_routable() {
+        assert!(instance("127.0.0.1", 8080, Status::Up).is_routable());
+        assert!(!instance("127.0.0.1", 8080, Status::Down).is_routable());
+        assert!(!instance("backend.example", 8080, Status::Up).is_routable());
+        assert!(!instance("127.0.0.1", 0, Status::Up).is_routable());
+    }
+
+    #[test]
+    fn instances_survive_a_json_round_trip() {
+        let original = instance("127.0.0.1", 8080, Status::Up);
+        let json = serde_json::to_string(&original).expect("serializes");
+        assert_eq!(
+            serde_json::from_str::<Instance>(&json).expect("parses"),
+            original
+        );
+    }
+}
