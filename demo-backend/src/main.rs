@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot connect to ZooKeeper at {}", args.zookeeper))?;
     let znode = register(&zookeeper, &args, &id, address).await?;
-    tracing::info!(znode, %address, "registered");
+    println!("registered {znode}");
 
     let backend = Arc::new(Backend {
         id,

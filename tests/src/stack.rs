@@ -1,0 +1,526 @@
+//! The real parts, started on free 127.0.0.1 ports.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+use zookeeper_client as zk;
+
+use crate::eventually;
+use crate::process::Child;
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The workspace root, where `target/` and `.venv/` live.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+fn built(path: PathBuf, how: &str) -> PathBuf {
+    assert!(path.exists(), "{} is missing: {how}", path.display());
+    path
+}
+
+fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    built(
+        target.join("debug").join(name),
+        "run scripts/test, which builds it",
+    )
+}
+
+pub fn envoy_binary() -> PathBuf {
+    built(
+        workspace_root().join(".venv/bin/envoy"),
+        "run scripts/setup",
+    )
+}
+
+pub fn filter_wasm() -> PathBuf {
+    built(
+        workspace_root().join("target/zklb_filter.wasm"),
+        "run scripts/build-filter",
+    )
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// Renders `envoy/envoy.yaml` the way `envsubst` does for the scripts.
+pub fn render_envoy_config(listen_port: u16, admin_port: u16, control_plane_port: u16) -> String {
+    let template = std::fs::read_to_string(workspace_root().join("envoy/envoy.yaml"))
+        .expect("reading envoy/envoy.yaml");
+    template
+        .replace("${ZKLB_LISTEN_PORT}", &listen_port.to_string())
+        .replace("${ZKLB_ADMIN_PORT}", &admin_port.to_string())
+        .replace(
+            "${ZKLB_CONTROL_PLANE_PORT}",
+            &control_plane_port.to_string(),
+        )
+        .replace("${ZKLB_FILTER_WASM}", &filter_wasm().display().to_string())
+}
+
+pub struct ZooKeeper {
+    pub connect: String,
+    process: Child,
+}
+
+impl ZooKeeper {
+    pub async fn start(dir: &Path) -> ZooKeeper {
+        let port = free_port();
+        let data = dir.join("zookeeper-data");
+        let config = dir.join("zoo.cfg");
+        std::fs::write(
+            &config,
+            format!(
+                "tickTime=500\ndataDir={}\nclientPortAddress=127.0.0.1\nclientPort={port}\nadmin.enableServer=false\n",
+                data.display()
+            ),
+        )
+        .expect("writing zoo.cfg");
+        let mut command = Command::new("/usr/share/zookeeper/bin/zkServer.sh");
+        command
+            .arg("start-foreground")
+            .arg(&config)
+            .env("ZOO_LOG_DIR", dir)
+            .env(
+                "JVMFLAGS",
+                "-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
+            );
+        let zookeeper = ZooKeeper {
+            connect: format!("127.0.0.1:{port}"),
+            process: Child::spawn("zookeeper", command, dir),
+        };
+        eventually(START_TIMEOUT, "ZooKeeper accepts sessions", || async {
+            zookeeper.try_client().await.map(drop)
+        })
+        .await;
+        zookeeper
+    }
+
+    async fn try_client(&self) -> Result<zk::Client, String> {
+        let connecting = zk::Client::connector()
+            .with_session_timeout(Duration::from_secs(10))
+            .connect(&self.connect);
+        match tokio::time::timeout(Duration::from_secs(2), connecting).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// A new session, as a registrar or an operator would open.
+    pub async fn client(&self) -> zk::Client {
+        self.try_client()
+            .await
+            .unwrap_or_else(|error| panic!("connecting to ZooKeeper at {}: {error}", self.connect))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}
+
+pub struct ControlPlane {
+    pub port: u16,
+    pub url: String,
+    process: Child,
+}
+
+impl ControlPlane {
+    pub async fn start(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
+        let port = free_port();
+        let mut command = Command::new(binary("zklb-control-plane"));
+        command
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--zookeeper", &zookeeper.connect])
+            .args(["--root", root])
+            .env("RUST_LOG", "info");
+        let control_plane = ControlPlane {
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            process: Child::spawn("control-plane", command, dir),
+        };
+        let http = reqwest::Client::new();
+        eventually(
+            START_TIMEOUT,
+            "the control plane has read ZooKeeper",
+            || async {
+                let response = http
+                    .get(format!("{}/healthz", control_plane.url))
+                    .send()
+                    .await
+                    .map_err(|error| error.to_string())?;
+                if response.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("/healthz answered {}", response.status()))
+                }
+            },
+        )
+        .await;
+        control_plane
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+pub struct Envoy {
+    pub listen_port: u16,
+    pub admin_url: String,
+    pub config_path: PathBuf,
+    process: Child,
+}
+
+impl Envoy {
+    /// Envoy with the filter, two worker threads (so every path that crosses workers runs).
+    pub async fn start(control_plane: &ControlPlane, dir: &Path) -> Envoy {
+        let listen_port = free_port();
+        let admin_port = free_port();
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(
+            &config_path,
+            render_envoy_config(listen_port, admin_port, control_plane.port),
+        )
+        .expect("writing envoy.yaml");
+        let mut command = Command::new(envoy_binary());
+        command.arg("-c").arg(&config_path).args([
+            "--concurrency",
+            "2",
+            "--use-dynamic-base-id",
+            "--log-level",
+            "info",
+        ]);
+        let envoy = Envoy {
+            listen_port,
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            config_path,
+            process: Child::spawn("envoy", command, dir),
+        };
+        let http = reqwest::Client::new();
+        eventually(START_TIMEOUT, "Envoy is live", || async {
+            let body = http
+                .get(format!("{}/ready", envoy.admin_url))
+                .send()
+                .await
+                .map_err(|error| error.to_string())?
+                .text()
+                .await
+                .map_err(|error| error.to_string())?;
+            if body.trim() == "LIVE" {
+                Ok(())
+            } else {
+                Err(format!("/ready says {body:?}"))
+            }
+        })
+        .await;
+        envoy
+    }
+
+    /// The value of one of Envoy's counters or gauges (0 if Envoy has not created it).
+    pub async fn stat(&self, name: &str) -> u64 {
+        let url = format!(
+            "{}/stats?format=json&filter=^{}$",
+            self.admin_url,
+            name.replace('.', "\\.")
+        );
+        let stats: Value = reqwest::get(&url)
+            .await
+            .and_then(|response| response.error_for_status())
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+            .json()
+            .await
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"));
+        stats["stats"]
+            .as_array()
+            .and_then(|stats| stats.iter().find(|stat| stat["name"] == name))
+            .and_then(|stat| stat["value"].as_u64())
+            .unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// A demo backend process, registered in ZooKeeper while it runs.
+pub struct Backend {
+    pub id: String,
+    pub port: u16,
+    pub znode: String,
+    process: Child,
+}
+
+impl Backend {
+    pub async fn start(
+        zookeeper: &ZooKeeper,
+        root: &str,
+        service: &str,
+        id: &str,
+        status: u16,
+        dir: &Path,
+    ) -> Backend {
+        let mut command = Command::new(binary("zklb-demo-backend"));
+        command
+            .args(["--zookeeper", &zookeeper.connect])
+            .args(["--root", root])
+            .args(["--service", service])
+            .args(["--id", id])
+            .args(["--status", &status.to_string()]);
+        let process = Child::spawn(&format!("backend-{id}"), command, dir);
+        let (port, znode) = eventually(
+            START_TIMEOUT,
+            &format!("backend {id} registers"),
+            || async {
+                let log = process.log();
+                let field = |prefix: &str| {
+                    log.lines()
+                        .find_map(|line| line.strip_prefix(prefix))
+                        .map(str::to_string)
+                };
+                match (field("listening "), field("registered ")) {
+                    (Some(address), Some(znode)) => {
+                        let port = address
+                            .rsplit_once(':')
+                            .and_then(|(_, port)| port.parse::<u16>().ok())
+                            .ok_or_else(|| format!("bad address {address:?}"))?;
+                        Ok((port, znode))
+                    }
+                    _ => Err("not registered yet".to_string()),
+                }
+            },
+        )
+        .await;
+        Backend {
+            id: id.to_string(),
+            port,
+            znode,
+            process,
+        }
+    }
+
+    /// Requests this backend has answered, and how many carried a zklb-internal header.
+    pub async fn stats(&self) -> (u64, u64) {
+        let url = format!("http://127.0.0.1:{}/_demo/stats", self.port);
+        let stats: Value = reqwest::get(&url)
+            .await
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+            .json()
+            .await
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"));
+        (
+            stats["requests"].as_u64().expect("requests count"),
+            stats["leaked_headers"]
+                .as_u64()
+                .expect("leaked_headers count"),
+        )
+    }
+
+    /// Stops the process the way an operator does (SIGTERM): it deregisters and exits.
+    pub fn stop(&mut self) {
+        self.process.terminate(STOP_GRACE);
+    }
+}
+
+/// One whole zklb: ZooKeeper, control plane and Envoy, in one temporary directory.
+pub struct Stack {
+    pub root: String,
+    pub envoy: Envoy,
+    pub control_plane: ControlPlane,
+    pub zookeeper: ZooKeeper,
+    pub http: reqwest::Client,
+    pub dir: TempDir,
+}
+
+/// One answer that went through Envoy.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The id of the backend that answered, if one did.
+    pub fn backend(&self) -> Option<&str> {
+        self.body["backend"].as_str()
+    }
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let dir = tempfile::Builder::new()
+            .prefix("zklb-e2e")
+            .tempdir()
+            .expect("creating a temporary directory");
+        let root = "/services".to_string();
+        let zookeeper = ZooKeeper::start(dir.path()).await;
+        let control_plane = ControlPlane::start(&zookeeper, &root, dir.path()).await;
+        let envoy = Envoy::start(&control_plane, dir.path()).await;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("building an HTTP client");
+        Stack {
+            root,
+            envoy,
+            control_plane,
+            zookeeper,
+            http,
+            dir,
+        }
+    }
+
+    pub async fn backend(&self, service: &str, id: &str) -> Backend {
+        Backend::start(
+            &self.zookeeper,
+            &self.root,
+            service,
+            id,
+            200,
+            self.dir.path(),
+        )
+        .await
+    }
+
+    pub async fn failing_backend(&self, service: &str, id: &str, status: u16) -> Backend {
+        Backend::start(
+            &self.zookeeper,
+            &self.root,
+            service,
+            id,
+            status,
+            self.dir.path(),
+        )
+        .await
+    }
+
+    /// Sends one request through Envoy for `service`, with extra request headers.
+    pub async fn request(&self, service: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut request = self
+            .http
+            .get(format!("http://127.0.0.1:{}/hello", self.envoy.listen_port))
+            .header("host", service);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("request for {service}: {error}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Answer { status, body }
+    }
+
+    /// Sends `count` requests for `service`, `concurrency` at a time, so both Envoy workers serve.
+    pub async fn requests(&self, service: &str, count: usize, concurrency: usize) -> Vec<Answer> {
+        self.requests_with(service, &[], count, concurrency).await
+    }
+
+    pub async fn requests_with(
+        &self,
+        service: &str,
+        headers: &[(&str, &str)],
+        count: usize,
+        concurrency: usize,
+    ) -> Vec<Answer> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..concurrency {
+            let share = count / concurrency + usize::from(worker < count % concurrency);
+            let http = self.http.clone();
+            let url = format!("http://127.0.0.1:{}/hello", self.envoy.listen_port);
+            let service = service.to_string();
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect();
+            tasks.spawn(async move {
+                let mut answers = Vec::with_capacity(share);
+                for _ in 0..share {
+                    let mut request = http.get(&url).header("host", &service);
+                    for (name, value) in &headers {
+                        request = request.header(name, value);
+                    }
+                    let answer = match request.send().await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let body = response.json().await.unwrap_or(Value::Null);
+                            Answer { status, body }
+                        }
+                        Err(error) => Answer {
+                            status: 0,
+                            body: Value::String(error.to_string()),
+                        },
+                    };
+                    answers.push(answer);
+                }
+                answers
+            });
+        }
+        let mut answers = Vec::with_capacity(count);
+        while let Some(done) = tasks.join_next().await {
+            answers.extend(done.expect("request task"));
+        }
+        answers
+    }
+
+    /// Waits until requests for `service` reach exactly the backends `ids` (all of them, and no
+    /// others), as the filter and Envoy's membership catch up with ZooKeeper.
+    pub async fn wait_for_backends(&self, service: &str, ids: &[&str]) {
+        let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        expected.sort();
+        eventually(
+            Duration::from_secs(30),
+            &format!("{service} is served by {ids:?}"),
+            || {
+                let expected = expected.clone();
+                async move {
+                    let answers = self.requests(service, 20 * expected.len().max(1), 4).await;
+                    let mut seen: Vec<String> = answers
+                        .iter()
+                        .filter(|answer| answer.status == 200)
+                        .filter_map(|answer| answer.backend().map(str::to_string))
+                        .collect();
+                    seen.sort();
+                    seen.dedup();
+                    let failures = answers.iter().filter(|answer| answer.status != 200).count();
+                    if seen == expected && failures == 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("saw {seen:?} with {failures} failures"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    /// How many answers each backend gave.
+    pub fn count_by_backend(answers: &[Answer]) -> std::collections::BTreeMap<String, u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for answer in answers {
+            if let Some(backend) = answer.backend() {
+                *counts.entry(backend.to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}

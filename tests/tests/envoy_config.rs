@@ -1,0 +1,59 @@
+//! The shipped Envoy configuration is valid, and a broken filter configuration is refused at load.
+
+use std::process::Command;
+use std::time::Duration;
+
+use zklb_tests::eventually;
+use zklb_tests::stack::{envoy_binary, render_envoy_config};
+
+#[test]
+fn shipped_envoy_config_validates() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, render_envoy_config(10000, 9901, 18000)).expect("writing the config");
+    let output = Command::new(envoy_binary())
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+        .arg(&config)
+        .output()
+        .expect("running envoy --mode validate");
+    assert!(
+        output.status.success(),
+        "envoy rejected envoy/envoy.yaml:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn invalid_filter_config_is_rejected_at_load_with_the_reason() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("envoy.yaml");
+    let broken = render_envoy_config(
+        zklb_tests::stack::free_port(),
+        zklb_tests::stack::free_port(),
+        1,
+    )
+    .replace(r#""retries": 2"#, r#""retries": 2, "retrys": 3"#);
+    std::fs::write(&config, broken).expect("writing the config");
+    let log = dir.path().join("envoy.log");
+    let mut envoy = Command::new(envoy_binary())
+        .args(["--use-dynamic-base-id", "--concurrency", "1", "-c"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("starting envoy");
+    let status = eventually(Duration::from_secs(60), "Envoy refuses to start", || {
+        let exited = envoy.try_wait().map_err(|error| error.to_string());
+        async move { exited?.ok_or_else(|| "still running".to_string()) }
+    })
+    .await;
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = envoy.kill();
+    assert!(
+        !status.success(),
+        "Envoy started with a broken filter configuration"
+    );
+    assert!(
+        output.contains("unknown field `retrys`"),
+        "the reason is not in Envoy's log:\n{output}"
+    );
+}
