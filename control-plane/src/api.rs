@@ -205,3 +205,189 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::collections::BTreeMap;
+    use tower::ServiceExt;
+    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat, Status};
+
+    use crate::snapshot::{channels, Health, Publishers};
+
+    fn app() -> (Router, Publishers, watch::Sender<bool>) {
+        let (publishers, channels) = channels();
+        let (stop, stopping) = watch::channel(false);
+        let state = AppState {
+            channels,
+            xds: Arc::new(XdsSettings {
+                control_plane_cluster: "zklb_control_plane".into(),
+                request_timeout: Duration::from_secs(40),
+                connect_timeout: Duration::from_secs(1),
+            }),
+            max_hold: Duration::from_secs(30),
+            stopping,
+        };
+        (router(state), publishers, stop)
+    }
+
+    fn snapshot(version: Version, ports: &[u16]) -> Arc<Snapshot> {
+        let instances = ports
+            .iter()
+            .map(|&port| Instance {
+                id: port.to_string(),
+                address: "127.0.0.1".into(),
+                port,
+                weight: 1,
+                zone: None,
+                status: Status::Up,
+                registered_at: None,
+                metadata: BTreeMap::new(),
+                source: SourceFormat::Curator,
+            })
+            .collect();
+        let service = Service {
+            name: "echo".into(),
+            version,
+            instances,
+        };
+        Arc::new(Snapshot {
+            services: ServiceSet {
+                version,
+                services: BTreeMap::from([("echo".to_string(), service)]),
+            },
+            clusters_version: 2,
+        })
+    }
+
+    async fn get(app: &Router, uri: &str) -> (StatusCode, serde_json::Value) {
+        let response = app
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn services_are_listed_with_their_version() {
+        let (app, publishers, _stop) = app();
+        publishers
+            .snapshots
+            .send_replace(snapshot(7, &[8001, 8002]));
+        let (status, body) = get(&app, "/v1/services").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["version"], 7);
+        assert_eq!(
+            body["services"]["echo"]["instances"]
+                .as_array()
+                .map(Vec::len),
+            Some(2)
+        );
+        let (status, body) = get(&app, "/v1/services/echo").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["name"], "echo");
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_a_reason() {
+        let (app, _publishers, _stop) = app();
+        let (status, body) = get(&app, "/v1/services/nosuch").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "no service named \"nosuch\" is registered");
+        let (status, body) = get(&app, "/v1/services?after=yesterday").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains("after"),
+            "{body}"
+        );
+        let (status, body) = get(&app, "/v1/services?colour=blue").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("colour"),
+            "{body}"
+        );
+        let (status, body) = get(&app, "/nowhere").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "no such endpoint");
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_answers_with_the_next_version() {
+        let (app, publishers, _stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
+        let poll = tokio::spawn({
+            let app = app.clone();
+            async move { get(&app, "/v1/services?after=7&wait=20").await }
+        });
+        // The poll is held until a newer registry is published.
+        tokio::task::yield_now().await;
+        publishers
+            .snapshots
+            .send_replace(snapshot(9, &[8001, 8002]));
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), poll)
+            .await
+            .expect("the poll is answered after the change")
+            .expect("poll task");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["version"], 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_poll_without_change_ends_not_modified() {
+        let (app, publishers, _stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
+        let (status, _) = get(&app, "/v1/services?after=7&wait=5").await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        // A client ahead of this replica is held too, rather than sent back in time.
+        let (status, _) = get(&app, "/v1/services?after=8&wait=5").await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        let (status, body) = get(&app, "/v1/services?after=6&wait=5").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["version"], 7);
+    }
+
+    #[tokio::test]
+    async fn shutting_down_releases_held_polls() {
+        let (app, publishers, stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
+        let poll = tokio::spawn({
+            let app = app.clone();
+            async move { get(&app, "/v1/services?after=7&wait=30").await }
+        });
+        tokio::task::yield_now().await;
+        stop.send_replace(true);
+        let (status, _) = tokio::time::timeout(Duration::from_secs(10), poll)
+            .await
+            .expect("released at shutdown")
+            .expect("poll task");
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+    }
+
+    #[tokio::test]
+    async fn health_reports_starting_serving_and_stale() {
+        let (app, publishers, _stop) = app();
+        let (status, body) = get(&app, "/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["status"], "starting");
+        publishers.health.send_replace(Health::in_sync());
+        let (status, body) = get(&app, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "serving");
+        publishers.health.send_modify(Health::lost);
+        let (status, body) = get(&app, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "stale");
+        assert_eq!(body["zookeeper"], "disconnected");
+    }
+}

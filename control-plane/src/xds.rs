@@ -195,3 +195,122 @@ fn load_assignment(cluster: &str, instances: &[Instance]) -> Value {
 fn duration(duration: Duration) -> String {
     format!("{}s", duration.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use zklb_wire::{Service, ServiceSet, SourceFormat, Status};
+
+    fn instance(address: &str, port: u16, status: Status) -> Instance {
+        Instance {
+            id: format!("{address}:{port}"),
+            address: address.into(),
+            port,
+            weight: 1,
+            zone: None,
+            status,
+            registered_at: None,
+            metadata: BTreeMap::new(),
+            source: SourceFormat::Curator,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let echo = Service {
+            name: "echo".into(),
+            version: 11,
+            instances: vec![
+                instance("127.0.0.1", 8001, Status::Up),
+                instance("127.0.0.1", 8002, Status::Down),
+                instance("echo.internal", 8003, Status::Up),
+            ],
+        };
+        let orders = Service {
+            name: "orders".into(),
+            version: 4,
+            instances: vec![],
+        };
+        Snapshot {
+            services: ServiceSet {
+                version: 11,
+                services: BTreeMap::from([("echo".into(), echo), ("orders".into(), orders)]),
+            },
+            clusters_version: 3,
+        }
+    }
+
+    fn settings() -> XdsSettings {
+        XdsSettings {
+            control_plane_cluster: "zklb_control_plane".into(),
+            request_timeout: Duration::from_secs(40),
+            connect_timeout: Duration::from_millis(250),
+        }
+    }
+
+    #[test]
+    fn every_service_gets_an_override_host_eds_cluster() {
+        let response = clusters(&snapshot(), &settings());
+        assert_eq!(response["version_info"], "3");
+        let names: Vec<&str> = response["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .map(|cluster| cluster["name"].as_str().expect("name"))
+            .collect();
+        assert_eq!(names, ["zklb_service_echo", "zklb_service_orders"]);
+        let echo = &response["resources"][0];
+        assert_eq!(echo["type"], "EDS");
+        assert_eq!(echo["connect_timeout"], "0.25s");
+        assert_eq!(
+            echo["eds_cluster_config"]["eds_config"]["api_config_source"]["cluster_names"][0],
+            "zklb_control_plane"
+        );
+        let policy = &echo["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+        assert_eq!(
+            policy["name"],
+            "envoy.load_balancing_policies.override_host"
+        );
+        assert_eq!(
+            policy["typed_config"]["override_host_sources"][0]["header"],
+            zklb_wire::CANDIDATES_HEADER
+        );
+    }
+
+    #[test]
+    fn members_are_the_routable_instances_only() {
+        let response = endpoints(&snapshot(), &["zklb_service_echo".to_string()]);
+        assert_eq!(response["version_info"], "11");
+        let members = &response["resources"][0]["endpoints"][0]["lb_endpoints"];
+        assert_eq!(members.as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            members[0]["endpoint"]["address"]["socket_address"]["port_value"],
+            8001
+        );
+    }
+
+    #[test]
+    fn clusters_that_are_no_service_get_no_members() {
+        for name in ["zklb_control_plane", "zklb_service_gone"] {
+            let response = endpoints(&snapshot(), &[name.to_string()]);
+            assert_eq!(response["resources"][0]["cluster_name"], name);
+            assert_eq!(
+                response["resources"][0]["endpoints"][0]["lb_endpoints"],
+                serde_json::json!([])
+            );
+        }
+    }
+
+    #[test]
+    fn endpoint_versions_follow_only_the_requested_services() {
+        let snapshot = snapshot();
+        assert_eq!(
+            endpoints_version(&snapshot, &["zklb_service_orders".into()]),
+            4
+        );
+        assert_eq!(
+            endpoints_version(&snapshot, &["zklb_service_echo".into()]),
+            11
+        );
+    }
+}

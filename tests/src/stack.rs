@@ -143,6 +143,7 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub async fn start(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
+        std::fs::create_dir_all(dir).expect("creating the log directory");
         let port = free_port();
         let mut command = Command::new(binary("zklb-control-plane"));
         command
@@ -377,14 +378,30 @@ impl Stack {
             .pool_max_idle_per_host(64)
             .build()
             .expect("building an HTTP client");
-        Stack {
+        let stack = Stack {
             root,
             envoy,
             control_plane,
             zookeeper,
             http,
             dir,
-        }
+        };
+        // The filter answers 503 until its poller has loaded the list, and 404 for an unknown
+        // service after.
+        eventually(
+            START_TIMEOUT,
+            "the filter has loaded the service list",
+            || async {
+                let answer = stack.request("zklb-probe", &[]).await;
+                if answer.status == 404 {
+                    Ok(())
+                } else {
+                    Err(format!("{answer:?}"))
+                }
+            },
+        )
+        .await;
+        stack
     }
 
     pub async fn backend(&self, service: &str, id: &str) -> Backend {
@@ -483,33 +500,40 @@ impl Stack {
     }
 
     /// Waits until requests for `service` reach exactly the backends `ids` (all of them, and no
-    /// others), as the filter and Envoy's membership catch up with ZooKeeper.
+    /// others) without a single failed attempt, as the filter and Envoy's membership catch up
+    /// with ZooKeeper.
     pub async fn wait_for_backends(&self, service: &str, ids: &[&str]) {
         let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
         expected.sort();
-        eventually(
-            Duration::from_secs(30),
-            &format!("{service} is served by {ids:?}"),
-            || {
-                let expected = expected.clone();
-                async move {
-                    let answers = self.requests(service, 20 * expected.len().max(1), 4).await;
-                    let mut seen: Vec<String> = answers
-                        .iter()
-                        .filter(|answer| answer.status == 200)
-                        .filter_map(|answer| answer.backend().map(str::to_string))
-                        .collect();
-                    seen.sort();
-                    seen.dedup();
-                    let failures = answers.iter().filter(|answer| answer.status != 200).count();
-                    if seen == expected && failures == 0 {
-                        Ok(())
-                    } else {
-                        Err(format!("saw {seen:?} with {failures} failures"))
-                    }
+        let retries = format!(
+            "cluster.{}.upstream_rq_retry",
+            zklb_wire::cluster_name(service)
+        );
+        let what = format!("{service} is served by {ids:?} alone, without retries");
+        eventually(Duration::from_secs(30), &what, || {
+            let expected = expected.clone();
+            let retries = retries.clone();
+            async move {
+                let retries_before = self.envoy.stat(&retries).await;
+                let answers = self.requests(service, 20 * expected.len().max(1), 4).await;
+                let retried = self.envoy.stat(&retries).await - retries_before;
+                let mut seen: Vec<String> = answers
+                    .iter()
+                    .filter(|answer| answer.status == 200)
+                    .filter_map(|answer| answer.backend().map(str::to_string))
+                    .collect();
+                seen.sort();
+                seen.dedup();
+                let failures = answers.iter().filter(|answer| answer.status != 200).count();
+                if seen == expected && failures == 0 && retried == 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "saw {seen:?}, {failures} failures, {retried} retries"
+                    ))
                 }
-            },
-        )
+            }
+        })
         .await;
     }
 

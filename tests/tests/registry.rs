@@ -1,0 +1,179 @@
+//! The control plane's registry against real ZooKeeper: versions every replica agrees on, and
+//! malformed znodes that cost nothing but themselves.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use zklb_tests::{eventually, ControlPlane, ZooKeeper};
+use zookeeper_client::{Acls, Client, CreateMode};
+
+fn curator(id: &str, port: u16) -> Vec<u8> {
+    serde_json::to_vec(&json!({"name": "orders", "id": id, "address": "127.0.0.1", "port": port,
+        "sslPort": null, "payload": null, "registrationTimeUTC": 1_732_000_000_000_i64, "serviceType": "DYNAMIC"}))
+    .expect("json")
+}
+
+async fn register(client: &Client, id: &str, data: &[u8]) {
+    client
+        .create(
+            &format!("/services/orders/{id}"),
+            data,
+            &CreateMode::Ephemeral.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("registering {id}: {error}"));
+}
+
+async fn services(control_plane: &ControlPlane) -> Result<Value, String> {
+    reqwest::get(format!("{}/v1/services", control_plane.url))
+        .await
+        .map_err(|error| error.to_string())?
+        .json()
+        .await
+        .map_err(|error| error.to_string())
+}
+
+fn instance_ports(listing: &Value) -> Vec<u64> {
+    let mut ports: Vec<u64> = listing["services"]["orders"]["instances"]
+        .as_array()
+        .map(|instances| {
+            instances
+                .iter()
+                .filter_map(|i| i["port"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    ports.sort();
+    ports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_publish_the_same_version_for_the_same_registry() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let first = ControlPlane::start(&zookeeper, "/services", &dir.path().join("first")).await;
+    let registrar = zookeeper.client().await;
+    registrar
+        .mkdir(
+            "/services/orders",
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .expect("creating /services/orders");
+    for (id, port) in [("a", 9001), ("b", 9002), ("c", 9003)] {
+        register(&registrar, id, &curator(id, port)).await;
+    }
+    registrar
+        .delete("/services/orders/b", None)
+        .await
+        .expect("deleting b");
+    registrar
+        .set_data("/services/orders/c", &curator("c", 9004), None)
+        .await
+        .expect("moving c");
+
+    // A replica started later reads the same ZooKeeper state from scratch.
+    let second = ControlPlane::start(&zookeeper, "/services", &dir.path().join("second")).await;
+    let (one, two) = eventually(
+        Duration::from_secs(20),
+        "both replicas list a and the moved c",
+        || async {
+            let one = services(&first).await?;
+            let two = services(&second).await?;
+            if instance_ports(&one) == [9001, 9004] && instance_ports(&two) == [9001, 9004] {
+                Ok((one, two))
+            } else {
+                Err(format!("{one} / {two}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(one, two, "replicas disagree on the same ZooKeeper state");
+    let version = one["version"].as_i64().expect("version");
+
+    // A change moves the version forward on both, to the same value.
+    register(&registrar, "d", &curator("d", 9005)).await;
+    let newer = eventually(Duration::from_secs(20), "both replicas see d", || async {
+        let one = services(&first).await?;
+        let two = services(&second).await?;
+        if instance_ports(&one).len() == 3 && one == two {
+            Ok(one)
+        } else {
+            Err(format!("{one} / {two}"))
+        }
+    })
+    .await;
+    assert!(newer["version"].as_i64().expect("version") > version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_znodes_are_skipped_counted_and_the_rest_kept() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let control_plane = ControlPlane::start(&zookeeper, "/services", dir.path()).await;
+    let registrar = zookeeper.client().await;
+    registrar
+        .mkdir(
+            "/services/orders",
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .expect("creating /services/orders");
+    register(&registrar, "good", &curator("good", 9001)).await;
+    register(
+        &registrar,
+        "broken",
+        b"{\"address\": \"127.0.0.1\", \"port\": \"eighty\"}",
+    )
+    .await;
+
+    eventually(
+        Duration::from_secs(20),
+        "the good instance is listed alone",
+        || async {
+            let listing = services(&control_plane).await?;
+            let metrics = reqwest::get(format!("{}/metrics", control_plane.url))
+                .await
+                .map_err(|error| error.to_string())?
+                .text()
+                .await
+                .map_err(|error| error.to_string())?;
+            let skipped = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("zklb_malformed_znodes_total "))
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or(0);
+            if instance_ports(&listing) == [9001] && skipped >= 1 {
+                Ok(())
+            } else {
+                Err(format!("{listing}; skipped {skipped}"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        control_plane
+            .log()
+            .contains("skipping malformed instance znode"),
+        "no log line names the malformed znode"
+    );
+
+    // Repairing the znode brings the instance in.
+    registrar
+        .set_data("/services/orders/broken", &curator("broken", 9002), None)
+        .await
+        .expect("repairing the znode");
+    eventually(
+        Duration::from_secs(20),
+        "the repaired instance is listed",
+        || async {
+            let listing = services(&control_plane).await?;
+            if instance_ports(&listing) == [9001, 9002] {
+                Ok(())
+            } else {
+                Err(listing.to_string())
+            }
+        },
+    )
+    .await;
+}
