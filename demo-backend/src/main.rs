@@ -37,6 +37,9 @@ struct Args {
     /// HTTP status to answer with (503 makes a failing backend).
     #[arg(long, default_value_t = 200)]
     status: u16,
+    /// On shutdown, how long to keep serving after deregistering, while load balancers catch up.
+    #[arg(long, default_value_t = 500)]
+    drain_ms: u64,
 }
 
 struct Backend {
@@ -88,16 +91,22 @@ async fn main() -> anyhow::Result<()> {
         .route("/_demo/stats", get(stats))
         .fallback(answer)
         .with_state(backend);
+    let drain = Duration::from_millis(args.drain_ms);
+    let deregistered = async move {
+        shutdown_signal().await;
+        // Deregister first, and keep serving while load balancers stop sending, so that stopping
+        // fails no request.
+        match zookeeper.delete(&znode, None).await {
+            Ok(()) => tracing::info!(znode, "deregistered"),
+            Err(error) => {
+                tracing::warn!(znode, %error, "cannot deregister; the session's end will")
+            }
+        }
+        tokio::time::sleep(drain).await;
+    };
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(deregistered)
         .await?;
-
-    // Deregister at once rather than waiting for the session to time out.
-    zookeeper
-        .delete(&znode, None)
-        .await
-        .with_context(|| format!("cannot delete {znode}"))?;
-    tracing::info!(znode, "deregistered");
     Ok(())
 }
 
