@@ -213,7 +213,7 @@ mod tests {
     use axum::http::Request;
     use std::collections::BTreeMap;
     use tower::ServiceExt;
-    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat, Status};
+    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat};
 
     use crate::snapshot::{channels, Health, Publishers};
 
@@ -236,17 +236,7 @@ mod tests {
     fn snapshot(version: Version, ports: &[u16]) -> Arc<Snapshot> {
         let instances = ports
             .iter()
-            .map(|&port| Instance {
-                id: port.to_string(),
-                address: "127.0.0.1".into(),
-                port,
-                weight: 1,
-                zone: None,
-                status: Status::Up,
-                registered_at: None,
-                metadata: BTreeMap::new(),
-                source: SourceFormat::Curator,
-            })
+            .map(|&port| Instance::new(port.to_string(), "127.0.0.1", port, SourceFormat::Curator))
             .collect();
         let service = Service {
             name: "echo".into(),

@@ -203,17 +203,13 @@ mod tests {
     use zklb_wire::{Service, ServiceSet, SourceFormat, Status};
 
     fn instance(address: &str, port: u16, status: Status) -> Instance {
-        Instance {
-            id: format!("{address}:{port}"),
-            address: address.into(),
+        Instance::new(
+            format!("{address}:{port}"),
+            address,
             port,
-            weight: 1,
-            zone: None,
-            status,
-            registered_at: None,
-            metadata: BTreeMap::new(),
-            source: SourceFormat::Curator,
-        }
+            SourceFormat::Curator,
+        )
+        .with_status(status)
     }
 
     fn snapshot() -> Snapshot {

@@ -66,22 +66,12 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
     use std::collections::BTreeMap;
-    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat, Status};
+    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat};
 
     fn table(hosts: &[u16]) -> ServiceTable {
         let instances = hosts
             .iter()
-            .map(|&port| Instance {
-                id: port.to_string(),
-                address: "127.0.0.1".into(),
-                port,
-                weight: 1,
-                zone: None,
-                status: Status::Up,
-                registered_at: None,
-                metadata: BTreeMap::new(),
-                source: SourceFormat::Curator,
-            })
+            .map(|&port| Instance::new(port.to_string(), "127.0.0.1", port, SourceFormat::Curator))
             .collect();
         let service = Service {
             name: "echo".into(),

@@ -85,6 +85,31 @@ fn default_weight() -> u32 {
 }
 
 impl Instance {
+    /// An up instance of weight 1, with no zone, registration time or metadata: what every
+    /// registry format provides at the least. Decoders fill in whatever more their format says.
+    pub fn new(
+        id: impl Into<String>,
+        address: impl Into<String>,
+        port: u16,
+        source: SourceFormat,
+    ) -> Instance {
+        Instance {
+            id: id.into(),
+            address: address.into(),
+            port,
+            weight: default_weight(),
+            zone: None,
+            status: Status::Up,
+            registered_at: None,
+            metadata: BTreeMap::new(),
+            source,
+        }
+    }
+
+    pub fn with_status(self, status: Status) -> Instance {
+        Instance { status, ..self }
+    }
+
     /// `ip:port`, the form in which Envoy names a cluster member.
     pub fn host(&self) -> String {
         match self.address.parse::<IpAddr>() {
@@ -128,17 +153,7 @@ mod tests {
     use super::*;
 
     fn instance(address: &str, port: u16, status: Status) -> Instance {
-        Instance {
-            id: "a".into(),
-            address: address.into(),
-            port,
-            weight: 1,
-            zone: None,
-            status,
-            registered_at: None,
-            metadata: BTreeMap::new(),
-            source: SourceFormat::Curator,
-        }
+        Instance::new("a", address, port, SourceFormat::Curator).with_status(status)
     }
 
     #[test]

@@ -60,16 +60,14 @@ pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
         })?,
         None => 1,
     };
+    let id = raw.id.unwrap_or_else(|| znode_name.to_string());
     Ok(Instance {
-        id: raw.id.unwrap_or_else(|| znode_name.to_string()),
-        address,
-        port,
         weight,
         zone: metadata.get("zone").cloned(),
         status,
         registered_at: raw.registration_time_utc,
         metadata,
-        source: SourceFormat::Curator,
+        ..Instance::new(id, address, port, SourceFormat::Curator)
     })
 }
 
