@@ -77,6 +77,8 @@ struct Changes {
     service_set: bool,
     services: BTreeSet<String>,
     disconnected: bool,
+    /// The session reconnected, and the server may have forgotten the persistent watch.
+    reconnected: bool,
 }
 
 impl<'a> Session<'a> {
@@ -115,11 +117,27 @@ impl<'a> Session<'a> {
             if changes.disconnected {
                 publishers.health.send_modify(Health::lost);
             } else {
+                if changes.reconnected {
+                    self.rewatch().await?;
+                }
                 self.read(&changes, publishers).await?;
                 publish(&self.registry, publishers);
             }
             changes = self.next_changes().await?;
         }
+    }
+
+    /// Adds the persistent watch again after a reconnect. zookeeper-client 0.11 does not restore
+    /// persistent watches on the new connection (its SetWatches request leaves them out), so
+    /// without this the registry would stop following ZooKeeper after the first reconnect. Adding
+    /// a watch the server still has is harmless.
+    async fn rewatch(&mut self) -> Result<(), WatchError> {
+        self.watcher = self
+            .client
+            .watch(&self.config.root, AddWatchMode::PersistentRecursive)
+            .await
+            .map_err(|source| zookeeper_error("watch", &self.config.root, source))?;
+        Ok(())
     }
 
     /// Waits for the next event, then gathers the ones right behind it.
@@ -160,6 +178,7 @@ impl<'a> Session<'a> {
                 // Events can be lost across a reconnect (ZOOKEEPER-4698): read everything again.
                 tracing::info!("ZooKeeper reconnected; re-reading the registry");
                 changes.disconnected = false;
+                changes.reconnected = true;
                 changes.everything = true;
             }
             // Terminal: this session's watcher delivers nothing more.

@@ -1,6 +1,7 @@
 //! Child processes that log to a file and never outlive the test.
 
-use std::fs::File;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,13 +13,19 @@ pub struct Child {
 }
 
 impl Child {
-    /// Starts `command` with stdout and stderr going to `<log_dir>/<name>.log`.
+    /// Starts `command` with stdout and stderr appended to `<log_dir>/<name>.log` (a restarted
+    /// process adds to its predecessor's log).
     pub fn spawn(name: &str, mut command: Command, log_dir: &Path) -> Child {
         let log = log_dir.join(format!("{name}.log"));
-        let file = File::create(&log)
-            .unwrap_or_else(|error| panic!("creating {}: {error}", log.display()));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|error| panic!("opening {}: {error}", log.display()));
         let stderr = file.try_clone().expect("duplicating a log file handle");
+        // A group of its own, so that killing it also kills whatever it started (scripts).
         let child = command
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(stderr)
@@ -61,8 +68,13 @@ impl Child {
         self.kill();
     }
 
-    /// Kills the process at once (SIGKILL): no clean-up of its own runs.
+    /// Kills the process and everything it started at once (SIGKILL): no clean-up runs.
     pub fn kill(&mut self) {
+        // The group outlives its leader while anything it started still runs.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

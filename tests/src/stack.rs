@@ -77,6 +77,8 @@ pub fn render_envoy_config(listen_port: u16, admin_port: u16, control_plane_port
 pub struct ZooKeeper {
     pub connect: String,
     process: Child,
+    config: PathBuf,
+    dir: PathBuf,
 }
 
 impl ZooKeeper {
@@ -92,24 +94,45 @@ impl ZooKeeper {
             ),
         )
         .expect("writing zoo.cfg");
+        let zookeeper = ZooKeeper {
+            connect: format!("127.0.0.1:{port}"),
+            process: Self::spawn(&config, dir),
+            config,
+            dir: dir.to_path_buf(),
+        };
+        zookeeper.wait_until_serving().await;
+        zookeeper
+    }
+
+    fn spawn(config: &Path, dir: &Path) -> Child {
         let mut command = Command::new("/usr/share/zookeeper/bin/zkServer.sh");
         command
             .arg("start-foreground")
-            .arg(&config)
+            .arg(config)
             .env("ZOO_LOG_DIR", dir)
             .env(
                 "JVMFLAGS",
                 "-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
             );
-        let zookeeper = ZooKeeper {
-            connect: format!("127.0.0.1:{port}"),
-            process: Child::spawn("zookeeper", command, dir),
-        };
+        Child::spawn("zookeeper", command, dir)
+    }
+
+    async fn wait_until_serving(&self) {
         eventually(START_TIMEOUT, "ZooKeeper accepts sessions", || async {
-            zookeeper.try_client().await.map(drop)
+            self.try_client().await.map(drop)
         })
         .await;
-        zookeeper
+    }
+
+    /// Kills the server, as a crash would: clients see their connections drop.
+    pub fn crash(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the server again on the same port and data, so sessions can resume.
+    pub async fn restart(&mut self) {
+        self.process = Self::spawn(&self.config, &self.dir);
+        self.wait_until_serving().await;
     }
 
     async fn try_client(&self) -> Result<zk::Client, String> {
@@ -129,10 +152,6 @@ impl ZooKeeper {
             .await
             .unwrap_or_else(|error| panic!("connecting to ZooKeeper at {}: {error}", self.connect))
     }
-
-    pub fn pid(&self) -> u32 {
-        self.process.id()
-    }
 }
 
 pub struct ControlPlane {
@@ -145,24 +164,33 @@ impl ControlPlane {
     pub async fn start(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
         std::fs::create_dir_all(dir).expect("creating the log directory");
         let port = free_port();
+        let control_plane = ControlPlane {
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            process: Self::spawn(port, zookeeper, root, dir),
+        };
+        control_plane.wait_until_serving().await;
+        control_plane
+    }
+
+    fn spawn(port: u16, zookeeper: &ZooKeeper, root: &str, dir: &Path) -> Child {
         let mut command = Command::new(binary("zklb-control-plane"));
         command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--zookeeper", &zookeeper.connect])
             .args(["--root", root])
             .env("RUST_LOG", "info");
-        let control_plane = ControlPlane {
-            port,
-            url: format!("http://127.0.0.1:{port}"),
-            process: Child::spawn("control-plane", command, dir),
-        };
+        Child::spawn("control-plane", command, dir)
+    }
+
+    async fn wait_until_serving(&self) {
         let http = reqwest::Client::new();
         eventually(
             START_TIMEOUT,
             "the control plane has read ZooKeeper",
             || async {
                 let response = http
-                    .get(format!("{}/healthz", control_plane.url))
+                    .get(format!("{}/healthz", self.url))
                     .send()
                     .await
                     .map_err(|error| error.to_string())?;
@@ -174,7 +202,26 @@ impl ControlPlane {
             },
         )
         .await;
-        control_plane
+    }
+
+    pub fn stop(&mut self) {
+        self.process.terminate(STOP_GRACE);
+    }
+
+    /// Starts a new control plane process on the same port, as a supervisor would.
+    pub async fn restart(&mut self, zookeeper: &ZooKeeper, root: &str, dir: &Path) {
+        self.process = Self::spawn(self.port, zookeeper, root, dir);
+        self.wait_until_serving().await;
+    }
+
+    /// `GET /healthz`, whatever its status code.
+    pub async fn health(&self) -> Result<Value, String> {
+        reqwest::get(format!("{}/healthz", self.url))
+            .await
+            .map_err(|error| error.to_string())?
+            .json()
+            .await
+            .map_err(|error| error.to_string())
     }
 
     pub fn log(&self) -> String {

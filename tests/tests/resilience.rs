@@ -1,0 +1,81 @@
+//! Failure is normal: a restarting control plane or a crashed ZooKeeper costs no request, and
+//! updates resume when they are back.
+
+use std::time::Duration;
+
+use zklb_tests::{eventually, Stack};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traffic_survives_a_control_plane_restart_and_updates_resume() {
+    let mut stack = Stack::start().await;
+    let _b1 = stack.backend("echo", "b1").await;
+    let _b2 = stack.backend("echo", "b2").await;
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+
+    stack.control_plane.stop();
+    let answers = stack.requests("echo", 300, 4).await;
+    assert!(
+        answers.iter().all(|answer| answer.status == 200),
+        "requests failed while the control plane was down"
+    );
+
+    // Registered while the control plane is down: picked up once it is back.
+    let _b3 = stack.backend("echo", "b3").await;
+    let root = stack.root.clone();
+    let dir = stack.dir.path().to_path_buf();
+    stack
+        .control_plane
+        .restart(&stack.zookeeper, &root, &dir)
+        .await;
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zookeeper_crash_serves_the_last_list_marked_stale_until_it_returns() {
+    let mut stack = Stack::start().await;
+    let _b1 = stack.backend("echo", "b1").await;
+    let _b2 = stack.backend("echo", "b2").await;
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+
+    stack.zookeeper.crash();
+    let health = eventually(
+        Duration::from_secs(30),
+        "the control plane reports staleness",
+        || async {
+            let health = stack.control_plane.health().await?;
+            if health["status"] == "stale" {
+                Ok(health)
+            } else {
+                Err(health.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(health["zookeeper"], "disconnected");
+    assert_eq!(
+        health["services"], 1,
+        "the last list is still served: {health}"
+    );
+    let answers = stack.requests("echo", 300, 4).await;
+    assert!(
+        answers.iter().all(|answer| answer.status == 200),
+        "requests failed while ZooKeeper was down"
+    );
+
+    stack.zookeeper.restart().await;
+    eventually(
+        Duration::from_secs(60),
+        "the control plane follows ZooKeeper again",
+        || async {
+            let health = stack.control_plane.health().await?;
+            if health["status"] == "serving" {
+                Ok(())
+            } else {
+                Err(health.to_string())
+            }
+        },
+    )
+    .await;
+    let _b3 = stack.backend("echo", "b3").await;
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+}
