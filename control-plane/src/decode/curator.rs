@@ -123,6 +123,19 @@ mod tests {
         assert_eq!(instance.source, SourceFormat::Curator);
     }
 
+    /// Written by Apache Curator 5.4's own `ServiceDiscovery` (tests/registrars/CuratorRegistrar.java).
+    #[test]
+    fn instance_written_by_curator_itself() {
+        let instance = decode("abc-1", &fixture("curator-5.4-real.json")).expect("decodes");
+        assert_eq!(instance.id, "abc-1");
+        assert_eq!(
+            (instance.address.as_str(), instance.port),
+            ("127.0.0.1", 8080)
+        );
+        assert_eq!(instance.status, Status::Up);
+        assert_eq!(instance.registered_at, Some(1_795_632_095_290));
+    }
+
     #[test]
     fn spring_cloud_instance_status_and_metadata() {
         let up = decode("x", &fixture("spring-cloud-up.json")).expect("decodes");
