@@ -47,6 +47,8 @@ pub fn router(state: AppState) -> Router {
 pub enum ApiError {
     NotFound(String),
     BadRequest(String),
+    /// ZooKeeper has not been read yet.
+    NotReady,
 }
 
 impl IntoResponse for ApiError {
@@ -54,6 +56,10 @@ impl IntoResponse for ApiError {
         let (status, error) = match self {
             ApiError::NotFound(reason) => (StatusCode::NOT_FOUND, reason),
             ApiError::BadRequest(reason) => (StatusCode::BAD_REQUEST, reason),
+            ApiError::NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control plane has not read ZooKeeper yet".to_string(),
+            ),
         };
         (status, Json(ErrorBody { error })).into_response()
     }
@@ -69,8 +75,8 @@ pub struct PollQuery {
 }
 
 impl AppState {
-    /// The current snapshot once `ready` holds for it, or `None` if `wait` passes (or the server
-    /// stops) first.
+    /// The current snapshot once it reflects ZooKeeper and `ready` holds for it, or `None` if
+    /// `wait` passes (or the server stops) first.
     pub async fn snapshot_when(
         &self,
         wait: Duration,
@@ -80,7 +86,7 @@ impl AppState {
         let mut stopping = self.stopping.clone();
         let wait = wait.min(self.max_hold);
         tokio::select! {
-            found = tokio::time::timeout(wait, snapshots.wait_for(|snapshot| ready(snapshot))) => {
+            found = tokio::time::timeout(wait, snapshots.wait_for(|snapshot| snapshot.synced && ready(snapshot))) => {
                 found.ok()?.ok().map(|snapshot| Arc::clone(&snapshot))
             }
             _ = stopping.wait_for(|stopping| *stopping) => None,
@@ -90,6 +96,16 @@ impl AppState {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.channels.snapshots.borrow())
     }
+
+    /// The current snapshot, if ZooKeeper has been read.
+    pub fn synced_snapshot(&self) -> Result<Arc<Snapshot>, ApiError> {
+        let snapshot = self.snapshot();
+        if snapshot.synced {
+            Ok(snapshot)
+        } else {
+            Err(ApiError::NotReady)
+        }
+    }
 }
 
 async fn list_services(
@@ -98,7 +114,7 @@ async fn list_services(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let Some(after) = query.after else {
-        return Ok(Json(&state.snapshot().services).into_response());
+        return Ok(Json(&state.synced_snapshot()?.services).into_response());
     };
     let wait = Duration::from_secs(query.wait.unwrap_or(state.max_hold.as_secs()));
     let newer = state.snapshot_when(wait, |snapshot| snapshot.services.version > after);
@@ -119,7 +135,7 @@ async fn get_service(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let snapshot = state.snapshot();
+    let snapshot = state.synced_snapshot()?;
     let service =
         snapshot.services.services.get(&name).ok_or_else(|| {
             ApiError::NotFound(format!("no service named {name:?} is registered"))
@@ -249,6 +265,7 @@ mod tests {
                 services: BTreeMap::from([("echo".to_string(), service)]),
             },
             clusters_version: 2,
+            synced: true,
         })
     }
 
@@ -288,7 +305,8 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_json_with_a_reason() {
-        let (app, _publishers, _stop) = app();
+        let (app, publishers, _stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
         let (status, body) = get(&app, "/v1/services/nosuch").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "no service named \"nosuch\" is registered");
@@ -312,25 +330,58 @@ mod tests {
         assert_eq!(body["error"], "no such endpoint");
     }
 
-    #[tokio::test]
-    async fn a_long_poll_answers_with_the_next_version() {
+    #[tokio::test(start_paused = true)]
+    async fn a_long_poll_is_held_until_the_next_version() {
         let (app, publishers, _stop) = app();
         publishers.snapshots.send_replace(snapshot(7, &[8001]));
         let poll = tokio::spawn({
             let app = app.clone();
             async move { get(&app, "/v1/services?after=7&wait=20").await }
         });
-        // The poll is held until a newer registry is published.
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!poll.is_finished(), "answered before anything changed");
         publishers
             .snapshots
             .send_replace(snapshot(9, &[8001, 8002]));
-        let (status, body) = tokio::time::timeout(Duration::from_secs(10), poll)
-            .await
-            .expect("the poll is answered after the change")
-            .expect("poll task");
+        let (status, body) = poll.await.expect("poll task");
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["version"], 9);
+    }
+
+    /// Before ZooKeeper is read the control plane knows nothing: an empty list would make Envoy
+    /// and the filter drop every service, so nothing is answered as if it were the registry.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_published_before_zookeeper_is_read() {
+        let (app, _publishers, _stop) = app();
+        let (status, body) = get(&app, "/v1/services").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body["error"],
+            "the control plane has not read ZooKeeper yet"
+        );
+        let (status, _) = get(&app, "/v1/services/echo").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, _) = get(&app, "/v1/services?after=0&wait=5").await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        for (path, request) in [
+            ("/v3/discovery:clusters", r#"{"version_info": "42"}"#),
+            (
+                "/v3/discovery:endpoints",
+                r#"{"version_info": "42", "resource_names": ["zklb_service_echo"]}"#,
+            ),
+        ] {
+            let response = app
+                .clone()
+                .oneshot(
+                    Request::post(path)
+                        .header("content-type", "application/json")
+                        .body(Body::from(request))
+                        .expect("request"),
+                )
+                .await
+                .expect("infallible");
+            assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{path}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

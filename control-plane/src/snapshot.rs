@@ -14,6 +14,10 @@ pub struct Snapshot {
     pub services: ServiceSet,
     /// Version of the set of service names, which is all that Envoy's cluster list depends on.
     pub clusters_version: Version,
+    /// False only for the placeholder before ZooKeeper was first read: its empty list says
+    /// nothing about the registry and must never reach Envoy or the filter, where it would
+    /// remove every service.
+    pub synced: bool,
 }
 
 impl Snapshot {
@@ -21,6 +25,7 @@ impl Snapshot {
         Snapshot {
             services: registry.to_service_set(),
             clusters_version: registry.services_pzxid,
+            synced: true,
         }
     }
 }

@@ -233,6 +233,7 @@ mod tests {
                 services: BTreeMap::from([("echo".into(), echo), ("orders".into(), orders)]),
             },
             clusters_version: 3,
+            synced: true,
         }
     }
 

@@ -183,7 +183,7 @@ impl ControlPlane {
         Child::spawn("control-plane", command, dir)
     }
 
-    async fn wait_until_serving(&self) {
+    pub async fn wait_until_serving(&self) {
         let http = reqwest::Client::new();
         eventually(
             START_TIMEOUT,
@@ -208,10 +208,16 @@ impl ControlPlane {
         self.process.terminate(STOP_GRACE);
     }
 
-    /// Starts a new control plane process on the same port, as a supervisor would.
+    /// Starts a new control plane process on the same port, as a supervisor would, and waits
+    /// until it answers HTTP (whether or not it could read ZooKeeper yet).
     pub async fn restart(&mut self, zookeeper: &ZooKeeper, root: &str, dir: &Path) {
         self.process = Self::spawn(self.port, zookeeper, root, dir);
-        self.wait_until_serving().await;
+        eventually(
+            START_TIMEOUT,
+            "the restarted control plane answers",
+            || async { self.health().await.map(drop) },
+        )
+        .await;
     }
 
     /// `GET /healthz`, whatever its status code.

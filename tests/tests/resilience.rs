@@ -27,6 +27,7 @@ async fn traffic_survives_a_control_plane_restart_and_updates_resume() {
         .control_plane
         .restart(&stack.zookeeper, &root, &dir)
         .await;
+    stack.control_plane.wait_until_serving().await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
 }
 
@@ -76,6 +77,54 @@ async fn a_zookeeper_crash_serves_the_last_list_marked_stale_until_it_returns() 
         },
     )
     .await;
+    let _b3 = stack.backend("echo", "b3").await;
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_plane_restarted_without_zookeeper_does_not_empty_envoy() {
+    let mut stack = Stack::start().await;
+    let _b1 = stack.backend("echo", "b1").await;
+    let _b2 = stack.backend("echo", "b2").await;
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+
+    // The new process cannot read ZooKeeper, so it knows of no service at all.
+    stack.zookeeper.crash();
+    stack.control_plane.stop();
+    let root = stack.root.clone();
+    let dir = stack.dir.path().to_path_buf();
+    stack
+        .control_plane
+        .restart(&stack.zookeeper, &root, &dir)
+        .await;
+    let health = stack.control_plane.health().await.expect("health");
+    assert_eq!(health["status"], "starting", "{health}");
+
+    // Envoy and the filter poll it again (a failed poll is retried within a second or two) and
+    // keep what they had.
+    let polls = "cluster.zklb_control_plane.upstream_rq_total";
+    let polls_before = stack.envoy.stat(polls).await;
+    eventually(
+        Duration::from_secs(30),
+        "Envoy polls the new control plane",
+        || async {
+            let now = stack.envoy.stat(polls).await;
+            if now > polls_before + 2 {
+                Ok(())
+            } else {
+                Err(format!("{now} polls"))
+            }
+        },
+    )
+    .await;
+    let answers = stack.requests("echo", 300, 4).await;
+    assert!(
+        answers.iter().all(|answer| answer.status == 200),
+        "requests failed after an unsynced control plane answered"
+    );
+
+    stack.zookeeper.restart().await;
+    stack.control_plane.wait_until_serving().await;
     let _b3 = stack.backend("echo", "b3").await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
 }
