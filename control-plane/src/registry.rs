@@ -77,18 +77,6 @@ impl Registry {
     }
 }
 
-/// Whether a child of the root names a service zklb can publish.
-pub fn is_service_directory(name: &str) -> bool {
-    if zklb_wire::is_valid_service_name(name) {
-        return true;
-    }
-    tracing::warn!(
-        service = name,
-        "skipping service: names may only use ASCII letters, digits, '.', '_' and '-'"
-    );
-    false
-}
-
 fn decode_service(name: &str, read: ServiceRead, stats: &DecodeStats) -> Service {
     let mut version = read.pzxid;
     let mut instances = Vec::with_capacity(read.instances.len());

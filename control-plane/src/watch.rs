@@ -1,17 +1,18 @@
 //! The ZooKeeper side: one session at a time, one persistent recursive watch on the root, and
 //! re-reads of whatever changed. The only writer of snapshots.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 use zookeeper_client::{
-    AddWatchMode, Client, EventType, PersistentWatcher, SessionState, WatchedEvent,
+    AddWatchMode, Client, EventType, MultiReadResult, PersistentWatcher, SessionState, Stat,
+    WatchedEvent,
 };
 
-use crate::registry::{is_service_directory, Registry, ServiceRead, Znode};
+use crate::registry::{DecodeStats, Registry, ServiceRead, Znode};
 use crate::snapshot::{Health, Publishers, Snapshot};
 
 /// Where the registry lives and how to reach it.
@@ -36,10 +37,12 @@ enum WatchError {
     SessionEnded(SessionState),
 }
 
-/// Events that arrive within this window are handled as one batch, so that a burst of
-/// registrations costs one read per service rather than one per event.
+/// Events that arrive within this window after a first one are handled as one batch, so that a
+/// burst of registrations costs one read per service rather than one per event.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 const MAX_BATCH: usize = 10_000;
+/// Read rounds per batch before publishing a registry that kept changing while it was read.
+const MAX_ROUNDS: usize = 8;
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Watches ZooKeeper until the task is dropped, publishing every change. A session that ends is
@@ -66,19 +69,34 @@ struct Session<'a> {
     client: Client,
     watcher: PersistentWatcher,
     registry: Registry,
+    /// The instance znode names of every service as last listed: what the next read asks for.
+    listings: BTreeMap<String, Vec<String>>,
+    /// Root children already reported as unusable service names, so each is logged once.
+    rejected_names: BTreeSet<String>,
 }
 
-/// What a batch of events asks to re-read.
+/// What a batch of events asks to re-read. The root's children are read every time.
 #[derive(Debug, Default)]
 struct Changes {
     /// Re-read everything: the root itself changed, or events may have been lost.
     everything: bool,
-    /// The root's children (the set of services) changed.
-    service_set: bool,
     services: BTreeSet<String>,
     disconnected: bool,
     /// The session reconnected, and the server may have forgotten the persistent watch.
     reconnected: bool,
+}
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        !self.everything && self.services.is_empty() && !self.disconnected && !self.reconnected
+    }
+
+    fn merge(&mut self, other: Changes) {
+        self.everything |= other.everything;
+        self.services.extend(other.services);
+        self.disconnected |= other.disconnected;
+        self.reconnected |= other.reconnected;
+    }
 }
 
 impl<'a> Session<'a> {
@@ -105,6 +123,8 @@ impl<'a> Session<'a> {
             client,
             watcher,
             registry: Registry::default(),
+            listings: BTreeMap::new(),
+            rejected_names: BTreeSet::new(),
         })
     }
 
@@ -113,17 +133,57 @@ impl<'a> Session<'a> {
             everything: true,
             ..Changes::default()
         };
-        loop {
+        'batches: loop {
             if changes.disconnected {
                 publishers.health.send_modify(Health::lost);
-            } else {
-                if changes.reconnected {
-                    self.rewatch().await?;
-                }
-                self.read(&changes, publishers).await?;
-                publish(&self.registry, publishers);
+                changes = self.next_changes().await?;
+                continue;
             }
-            changes = self.next_changes().await?;
+            if changes.reconnected {
+                self.rewatch().await?;
+            }
+            let mut reading = if changes.everything {
+                self.listings.keys().cloned().collect()
+            } else {
+                changes.services
+            };
+            // Changes seen during this batch's reads, to be read again by the next batch.
+            let mut later = Changes::default();
+            let mut consistent = false;
+            for _ in 0..MAX_ROUNDS {
+                let unsettled = self.read(&reading, &publishers.stats).await?;
+                // ZooKeeper sends a change's event before any reply that reflects a later change.
+                // So once the read is answered, every earlier change to a service outside the
+                // read is queued: if there is none, the registry is one state of the tree.
+                let queued = self.gather(Changes::default(), Instant::now()).await?;
+                if queued.disconnected || queued.reconnected {
+                    changes = queued;
+                    continue 'batches;
+                }
+                let outside: Vec<String> = queued
+                    .services
+                    .iter()
+                    .filter(|service| !reading.contains(*service))
+                    .cloned()
+                    .collect();
+                later.merge(queued);
+                if unsettled.is_empty() && outside.is_empty() {
+                    consistent = true;
+                    break;
+                }
+                reading.extend(unsettled);
+                reading.extend(outside);
+            }
+            if !consistent {
+                tracing::debug!("publishing a registry that kept changing while it was read");
+            }
+            publish(&self.registry, publishers);
+            publishers.health.send_replace(Health::in_sync());
+            changes = if later.is_empty() {
+                self.next_changes().await?
+            } else {
+                later
+            };
         }
     }
 
@@ -140,13 +200,24 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Waits for the next event, then gathers the ones right behind it.
+    /// Waits for the next event, then gathers those that arrive within the batch window.
     async fn next_changes(&mut self) -> Result<Changes, WatchError> {
         let mut changes = Changes::default();
         let first = self.watcher.changed().await;
         self.note(&mut changes, &first)?;
+        self.gather(changes, Instant::now() + BATCH_WINDOW).await
+    }
+
+    /// Adds the events that arrive until `deadline` (only those already queued, for a deadline
+    /// that has passed) to `changes`.
+    async fn gather(
+        &mut self,
+        mut changes: Changes,
+        deadline: Instant,
+    ) -> Result<Changes, WatchError> {
         for _ in 0..MAX_BATCH {
-            match timeout(BATCH_WINDOW, self.watcher.changed()).await {
+            // `timeout_at` polls for the event before it looks at the deadline.
+            match timeout_at(deadline, self.watcher.changed()).await {
                 Ok(event) => self.note(&mut changes, &event)?,
                 Err(_) => break,
             }
@@ -158,11 +229,7 @@ impl<'a> Session<'a> {
         if event.event_type != EventType::Session {
             match classify(&self.config.root, &event.path) {
                 Some(Target::Root) => changes.everything = true,
-                Some(Target::Service(name)) => {
-                    changes.service_set = true;
-                    changes.services.insert(name);
-                }
-                Some(Target::Instance(service)) => {
+                Some(Target::Service(service)) => {
                     changes.services.insert(service);
                 }
                 None => {}
@@ -187,79 +254,150 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    async fn read(&mut self, changes: &Changes, publishers: &Publishers) -> Result<(), WatchError> {
-        let mut services = changes.services.clone();
-        if changes.everything || changes.service_set {
-            let (children, pzxid) = self.read_root().await?;
-            let children: Vec<String> = children
-                .into_iter()
-                .filter(|name| is_service_directory(name))
-                .collect();
-            if changes.everything {
-                services.extend(children.iter().cloned());
-            } else {
-                // New services are read even if no event named them yet.
-                services.extend(
-                    children
+    /// Reads the root's children and `services` in one atomic multi-read, so that what is read
+    /// is one state of the tree, and applies it to the registry. Returns the services whose
+    /// instances must be read again: new services, and services whose instance list was not
+    /// the one asked for (their previous content is kept until then).
+    async fn read(
+        &mut self,
+        services: &BTreeSet<String>,
+        stats: &DecodeStats,
+    ) -> Result<BTreeSet<String>, WatchError> {
+        let root = self.config.root.clone();
+        let services: Vec<&String> = services
+            .iter()
+            .filter(|service| zklb_wire::is_valid_service_name(service))
+            .collect();
+        let mut reader = self.client.new_multi_reader();
+        let queue = |added: Result<(), zookeeper_client::Error>, path: &str| {
+            added.map_err(|source| zookeeper_error("read", path, source))
+        };
+        queue(reader.add_get_data(&root), &root)?;
+        queue(reader.add_get_children(&root), &root)?;
+        let mut asked = Vec::with_capacity(services.len());
+        for service in services {
+            let path = child_path(&root, service);
+            let listing = self.listings.get(service).cloned().unwrap_or_default();
+            queue(reader.add_get_data(&path), &path)?;
+            queue(reader.add_get_children(&path), &path)?;
+            for instance in &listing {
+                let instance_path = child_path(&path, instance);
+                queue(reader.add_get_data(&instance_path), &instance_path)?;
+            }
+            asked.push((service.clone(), listing));
+        }
+        let results = reader
+            .commit()
+            .await
+            .map_err(|source| zookeeper_error("read", &root, source))?;
+        let mut results = results.into_iter();
+
+        let mut unsettled = BTreeSet::new();
+        match node(&root, results.next(), results.next())? {
+            Some((root_stat, children)) => {
+                let names: Vec<String> = children
+                    .into_iter()
+                    .filter(|name| self.is_service_name(name))
+                    .collect();
+                unsettled.extend(
+                    names
                         .iter()
-                        .filter(|name| !self.registry.services.contains_key(*name))
+                        .filter(|name| {
+                            !self.listings.contains_key(*name)
+                                && !asked.iter().any(|(asked, _)| asked == *name)
+                        })
                         .cloned(),
                 );
+                self.registry.retain_services(&names, root_stat.pzxid);
+                self.listings.retain(|name, _| names.contains(name));
             }
-            self.registry.retain_services(&children, pzxid);
+            None => {
+                self.registry.retain_services(&[], 0);
+                self.listings.clear();
+            }
         }
-        for name in services {
-            if !zklb_wire::is_valid_service_name(&name) {
+        for (service, listing) in asked {
+            let path = child_path(&root, &service);
+            let read = node(&path, results.next(), results.next())?;
+            let data: Vec<_> = (0..listing.len()).map(|_| results.next()).collect();
+            let Some((stat, mut children)) = read else {
+                self.registry.apply_service(&service, None, stats);
+                self.listings.remove(&service);
+                continue;
+            };
+            children.sort();
+            let mut asked_for = listing.clone();
+            asked_for.sort();
+            if children != asked_for {
+                self.listings.insert(service.clone(), children);
+                unsettled.insert(service);
                 continue;
             }
-            let read = self.read_service(&name).await?;
-            self.registry.apply_service(&name, read, &publishers.stats);
-        }
-        publishers.health.send_replace(Health::in_sync());
-        Ok(())
-    }
-
-    /// The services under the root and the root's pzxid; a missing root is an empty registry.
-    async fn read_root(&self) -> Result<(Vec<String>, i64), WatchError> {
-        match self.client.get_children(&self.config.root).await {
-            Ok((children, stat)) => Ok((children, stat.pzxid)),
-            Err(zookeeper_client::Error::NoNode) => Ok((Vec::new(), 0)),
-            Err(source) => Err(zookeeper_error("list", &self.config.root, source)),
-        }
-    }
-
-    async fn read_service(&self, name: &str) -> Result<Option<ServiceRead>, WatchError> {
-        let path = child_path(&self.config.root, name);
-        let (children, stat) = match self.client.get_children(&path).await {
-            Ok(listing) => listing,
-            Err(zookeeper_client::Error::NoNode) => return Ok(None),
-            Err(source) => return Err(zookeeper_error("list", &path, source)),
-        };
-        // Requests are sent when their futures are created: issue them all, then collect, so that
-        // a large service costs one round trip rather than one per instance.
-        let reads: Vec<_> = children
-            .iter()
-            .map(|child| self.client.get_data(&child_path(&path, child)))
-            .collect();
-        let mut instances = Vec::with_capacity(children.len());
-        for (child, read) in children.into_iter().zip(reads) {
-            match read.await {
-                Ok((data, stat)) => instances.push(Znode {
-                    name: child,
-                    mzxid: stat.mzxid,
-                    data,
+            let instances = listing
+                .into_iter()
+                .zip(data)
+                .filter_map(|(name, result)| match result {
+                    Some(MultiReadResult::Data { data, stat }) => Some(Znode {
+                        name,
+                        mzxid: stat.mzxid,
+                        data,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            self.registry.apply_service(
+                &service,
+                Some(ServiceRead {
+                    pzxid: stat.pzxid,
+                    instances,
                 }),
-                // Deleted since the listing; its deletion event follows.
-                Err(zookeeper_client::Error::NoNode) => {}
-                Err(source) => {
-                    return Err(zookeeper_error("read", &child_path(&path, &child), source))
-                }
-            }
+                stats,
+            );
         }
-        Ok(Some(ServiceRead {
-            pzxid: stat.pzxid,
-            instances,
-        }))
+        Ok(unsettled)
+    }
+
+    /// Whether a child of the root names a service zklb can publish; logs each bad name once.
+    fn is_service_name(&mut self, name: &str) -> bool {
+        if zklb_wire::is_valid_service_name(name) {
+            return true;
+        }
+        if self.rejected_names.insert(name.to_string()) {
+            tracing::warn!(
+                service = name,
+                "skipping service: names may only use ASCII letters, digits, '.', '_' and '-'"
+            );
+        }
+        false
+    }
+}
+
+/// A node's stat and children from a multi-read's `get_data` and `get_children` results, or
+/// `None` if the node does not exist.
+fn node(
+    path: &str,
+    data: Option<MultiReadResult>,
+    children: Option<MultiReadResult>,
+) -> Result<Option<(Stat, Vec<String>)>, WatchError> {
+    match (data, children) {
+        (
+            Some(MultiReadResult::Data { stat, .. }),
+            Some(MultiReadResult::Children { children }),
+        ) => Ok(Some((stat, children))),
+        (
+            Some(MultiReadResult::Error {
+                err: zookeeper_client::Error::NoNode,
+            }),
+            _,
+        ) => Ok(None),
+        (Some(MultiReadResult::Error { err }), _) | (_, Some(MultiReadResult::Error { err })) => {
+            Err(zookeeper_error("read", path, err))
+        }
+        _ => Err(zookeeper_error(
+            "read",
+            path,
+            zookeeper_client::Error::UnexpectedError("a multi-read answered out of order".into()),
+        )),
     }
 }
 
@@ -295,9 +433,8 @@ fn zookeeper_error(
 #[derive(Debug, PartialEq)]
 enum Target {
     Root,
+    /// A service directory, or anything in it.
     Service(String),
-    /// An instance znode, or anything deeper, of this service.
-    Instance(String),
 }
 
 fn classify(root: &str, path: &str) -> Option<Target> {
@@ -307,10 +444,10 @@ fn classify(root: &str, path: &str) -> Option<Target> {
     let relative = path
         .strip_prefix(root.trim_end_matches('/'))?
         .strip_prefix('/')?;
-    match relative.split_once('/') {
-        None => Some(Target::Service(relative.to_string())),
-        Some((service, _)) => Some(Target::Instance(service.to_string())),
-    }
+    let service = relative
+        .split_once('/')
+        .map_or(relative, |(service, _)| service);
+    Some(Target::Service(service.to_string()))
 }
 
 fn child_path(parent: &str, child: &str) -> String {
@@ -334,17 +471,17 @@ mod tests {
         );
         assert_eq!(
             classify("/services", "/services/echo/a1"),
-            Some(Target::Instance("echo".into()))
+            Some(Target::Service("echo".into()))
         );
         assert_eq!(
             classify("/services", "/services/echo/a1/extra"),
-            Some(Target::Instance("echo".into()))
+            Some(Target::Service("echo".into()))
         );
         assert_eq!(classify("/services", "/servicesx/echo"), None);
         assert_eq!(classify("/", "/echo"), Some(Target::Service("echo".into())));
         assert_eq!(
             classify("/", "/echo/a1"),
-            Some(Target::Instance("echo".into()))
+            Some(Target::Service("echo".into()))
         );
     }
 

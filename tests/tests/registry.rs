@@ -177,3 +177,86 @@ async fn malformed_znodes_are_skipped_counted_and_the_rest_kept() {
     )
     .await;
 }
+
+/// Under churn in several services at once, a version always names one registry: the same
+/// version never comes with two different lists, from one replica or from two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_names_one_registry_even_under_concurrent_changes() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let replicas = [
+        ControlPlane::start(&zookeeper, "/services", &dir.path().join("first")).await,
+        ControlPlane::start(&zookeeper, "/services", &dir.path().join("second")).await,
+    ];
+    let registrar = zookeeper.client().await;
+    for service in ["alpha", "beta"] {
+        registrar
+            .mkdir(
+                &format!("/services/{service}"),
+                &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+            )
+            .await
+            .expect("creating a service");
+        registrar
+            .create(
+                &format!("/services/{service}/one"),
+                &curator("one", 1),
+                &CreateMode::Ephemeral.with_acls(Acls::anyone_all()),
+            )
+            .await
+            .expect("registering");
+    }
+
+    let writers: Vec<_> = ["alpha", "beta"]
+        .into_iter()
+        .map(|service| {
+            let connect = zookeeper.connect.clone();
+            tokio::spawn(async move {
+                let client = zookeeper_client::Client::connect(&connect)
+                    .await
+                    .expect("connecting");
+                for port in 2..=1_000 {
+                    client
+                        .set_data(
+                            &format!("/services/{service}/one"),
+                            &curator("one", port),
+                            None,
+                        )
+                        .await
+                        .expect("moving the instance");
+                }
+            })
+        })
+        .collect();
+
+    let mut seen: std::collections::BTreeMap<i64, Value> = std::collections::BTreeMap::new();
+    let http = reqwest::Client::new();
+    while writers.iter().any(|writer| !writer.is_finished()) {
+        for replica in &replicas {
+            let listing: Value = http
+                .get(format!("{}/v1/services", replica.url))
+                .send()
+                .await
+                .expect("GET /v1/services")
+                .json()
+                .await
+                .expect("JSON");
+            let version = listing["version"].as_i64().expect("version");
+            let services = listing["services"].clone();
+            if let Some(earlier) = seen.insert(version, services.clone()) {
+                assert_eq!(
+                    earlier, services,
+                    "version {version} named two different registries"
+                );
+            }
+        }
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    assert!(
+        seen.len() > 10,
+        "too few versions observed to mean anything: {}",
+        seen.len()
+    );
+}
