@@ -216,7 +216,7 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
     metric(
         "zklb_malformed_znodes_total",
         "counter",
-        "Instance znodes skipped because they could not be decoded.",
+        "Instance znodes skipped because they could not be decoded (each version once).",
         skipped.to_string(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

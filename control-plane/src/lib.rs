@@ -39,8 +39,9 @@ pub struct Config {
     /// members through it.
     #[arg(long, env = "ZKLB_XDS_CLUSTER", default_value = "zklb_control_plane")]
     pub xds_cluster: String,
-    /// Longest time a long-poll (lists or xDS) is held open, in seconds.
-    #[arg(long, env = "ZKLB_MAX_HOLD_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=300))]
+    /// Longest time a long-poll (lists or xDS) is held open, in seconds. At most 30: it must stay
+    /// below the `request_timeout` of Envoy's cluster-list subscription (40 s in envoy.yaml).
+    #[arg(long, env = "ZKLB_MAX_HOLD_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
     pub max_hold_seconds: u64,
 }
 

@@ -27,7 +27,8 @@ pub struct ServiceRead {
     pub instances: Vec<Znode>,
 }
 
-/// Counts malformed znodes skipped since start, for `/metrics`.
+/// Counts malformed znodes skipped since start, for `/metrics`: each version of a znode once,
+/// however often its service is read again.
 #[derive(Debug, Default)]
 pub struct DecodeStats {
     pub skipped_znodes: AtomicU64,
@@ -39,6 +40,9 @@ pub struct Registry {
     /// services, and so of Envoy's clusters.
     pub services_pzxid: i64,
     pub services: BTreeMap<String, Service>,
+    /// Per service, the malformed znodes and the mzxid at which they were found so, so that each
+    /// is logged and counted once rather than on every read of its service.
+    malformed: BTreeMap<String, BTreeMap<String, i64>>,
 }
 
 impl Registry {
@@ -54,11 +58,16 @@ impl Registry {
     pub fn apply_service(&mut self, name: &str, read: Option<ServiceRead>, stats: &DecodeStats) {
         match read {
             Some(read) => {
-                let service = decode_service(name, read, stats);
+                let known = self.malformed.remove(name).unwrap_or_default();
+                let (service, malformed) = decode_service(name, read, &known, stats);
                 self.services.insert(name.to_string(), service);
+                if !malformed.is_empty() {
+                    self.malformed.insert(name.to_string(), malformed);
+                }
             }
             None => {
                 self.services.remove(name);
+                self.malformed.remove(name);
             }
         }
     }
@@ -66,6 +75,7 @@ impl Registry {
     /// Keeps exactly the services in `names` (the root's children), dropping the others.
     pub fn retain_services(&mut self, names: &[String], pzxid: i64) {
         self.services.retain(|name, _| names.contains(name));
+        self.malformed.retain(|name, _| names.contains(name));
         self.services_pzxid = pzxid;
     }
 
@@ -77,26 +87,37 @@ impl Registry {
     }
 }
 
-fn decode_service(name: &str, read: ServiceRead, stats: &DecodeStats) -> Service {
+/// Decodes a service's znodes, skipping malformed ones; returns them with their mzxids.
+fn decode_service(
+    name: &str,
+    read: ServiceRead,
+    known_malformed: &BTreeMap<String, i64>,
+    stats: &DecodeStats,
+) -> (Service, BTreeMap<String, i64>) {
     let mut version = read.pzxid;
     let mut instances = Vec::with_capacity(read.instances.len());
+    let mut malformed = BTreeMap::new();
     for znode in read.instances {
         version = version.max(znode.mzxid);
         match decode::curator::decode(&znode.name, &znode.data) {
             Ok(instance) => instances.push(instance),
             Err(error) => {
-                stats.skipped_znodes.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(service = name, znode = znode.name, %error, "skipping malformed instance znode");
+                if known_malformed.get(&znode.name) != Some(&znode.mzxid) {
+                    stats.skipped_znodes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = name, znode = znode.name, %error, "skipping malformed instance znode");
+                }
+                malformed.insert(znode.name, znode.mzxid);
             }
         }
     }
     // Canonical order, so that equal registries compare equal whatever order ZooKeeper listed.
     instances.sort_by(|a, b| (&a.address, a.port, &a.id).cmp(&(&b.address, b.port, &b.id)));
-    Service {
+    let service = Service {
         name: name.to_string(),
         version,
         instances,
-    }
+    };
+    (service, malformed)
 }
 
 #[cfg(test)]
@@ -148,6 +169,28 @@ mod tests {
         assert_eq!(registry.services["echo"].instances.len(), 1);
         assert_eq!(registry.services["echo"].version, 9);
         assert_eq!(stats.skipped_znodes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_malformed_znode_is_counted_once_per_version() {
+        let stats = DecodeStats::default();
+        let mut registry = Registry::default();
+        let broken = |mzxid| Znode {
+            name: "broken".into(),
+            mzxid,
+            data: b"{}".to_vec(),
+        };
+        let read = |mzxid| {
+            Some(ServiceRead {
+                pzxid: 1,
+                instances: vec![znode("a", 2, 8001), broken(mzxid)],
+            })
+        };
+        registry.apply_service("echo", read(3), &stats);
+        registry.apply_service("echo", read(3), &stats);
+        assert_eq!(stats.skipped_znodes.load(Ordering::Relaxed), 1);
+        registry.apply_service("echo", read(4), &stats);
+        assert_eq!(stats.skipped_znodes.load(Ordering::Relaxed), 2);
     }
 
     #[test]

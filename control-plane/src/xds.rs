@@ -162,9 +162,9 @@ pub fn endpoints(snapshot: &Snapshot, cluster_names: &[String]) -> Value {
         .map(|name| {
             let instances = zklb_wire::service_of_cluster(name)
                 .and_then(|service| snapshot.services.services.get(service))
-                .map(|service| service.instances.as_slice())
+                .map(|service| service.routable_instances())
                 .unwrap_or_default();
-            load_assignment(name, instances)
+            load_assignment(name, &instances)
         })
         .collect();
     json!({
@@ -174,10 +174,9 @@ pub fn endpoints(snapshot: &Snapshot, cluster_names: &[String]) -> Value {
     })
 }
 
-fn load_assignment(cluster: &str, instances: &[Instance]) -> Value {
+fn load_assignment(cluster: &str, instances: &[&Instance]) -> Value {
     let members: Vec<Value> = instances
         .iter()
-        .filter(|instance| instance.is_routable())
         .map(|instance| {
             json!({"endpoint": {"address": {"socket_address": {
                 "address": instance.address,

@@ -32,8 +32,7 @@ impl RouterRoot {
         let mut root = RouterRoot {
             config: Rc::new(config),
             table: Rc::new(RefCell::new(None)),
-            // Seeded once per worker VM from WASI `random_get`.
-            rng: Rc::new(RefCell::new(SmallRng::from_os_rng())),
+            rng: Rc::new(RefCell::new(seeded_rng())),
             loaded_version: None,
         };
         root.refresh();
@@ -70,6 +69,20 @@ impl RouterRoot {
             rng: Rc::clone(&self.rng),
         }
     }
+}
+
+/// A generator seeded once per worker VM from WASI `random_get`, or from the host clock should
+/// that fail: picks must stay uniform, they need not be unpredictable.
+fn seeded_rng() -> SmallRng {
+    SmallRng::try_from_os_rng().unwrap_or_else(|error| {
+        log::warn!("zklb router: no OS randomness ({error}); seeding from the clock");
+        let now = hostcalls::get_current_time().unwrap_or(std::time::UNIX_EPOCH);
+        let nanos = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        SmallRng::seed_from_u64(nanos as u64)
+    })
 }
 
 pub struct Request {

@@ -1,13 +1,13 @@
 //! The filter's view of the services: which request goes to which service, and its hosts.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
-use zklb_wire::{ServiceSet, Version};
+use zklb_wire::ServiceSet;
 
 /// The routable hosts of every service, keyed by lower-case service name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceTable {
-    pub version: Version,
     services: HashMap<String, ServiceRoute>,
 }
 
@@ -31,28 +31,38 @@ pub enum Lookup<'a> {
 
 impl ServiceTable {
     pub fn from_service_set(set: &ServiceSet) -> ServiceTable {
-        let services = set
+        let mut services = HashMap::with_capacity(set.services.len());
+        // The control plane checks names too; the filter does not trust what crosses a network
+        // with the values of its routing headers.
+        let valid = set
             .services
             .values()
-            .filter(|service| zklb_wire::is_valid_service_name(&service.name))
-            .map(|service| {
-                let route = ServiceRoute {
-                    name: service.name.clone(),
-                    cluster: zklb_wire::cluster_name(&service.name),
-                    hosts: service
-                        .instances
-                        .iter()
-                        .filter(|instance| instance.is_routable())
-                        .map(|instance| instance.host())
-                        .collect(),
-                };
-                (service.name.to_ascii_lowercase(), route)
-            })
-            .collect();
-        ServiceTable {
-            version: set.version,
-            services,
+            .filter(|service| zklb_wire::is_valid_service_name(&service.name));
+        for service in valid {
+            let route = ServiceRoute {
+                name: service.name.clone(),
+                cluster: zklb_wire::cluster_name(&service.name),
+                hosts: service
+                    .routable_instances()
+                    .into_iter()
+                    .map(|instance| instance.host())
+                    .collect(),
+            };
+            match services.entry(service.name.to_ascii_lowercase()) {
+                Entry::Vacant(entry) => {
+                    entry.insert(route);
+                }
+                // Host names ignore case, so only one of these services can be reached; the
+                // list is sorted, so it is always the same one.
+                Entry::Occupied(entry) => log::warn!(
+                    "zklb: services {:?} and {:?} differ only in case; requests go to {:?}",
+                    entry.get().name,
+                    service.name,
+                    entry.get().name
+                ),
+            }
         }
+        ServiceTable { services }
     }
 
     /// Maps a request to its service by the `Host` header (`:authority`): the host name without
@@ -122,7 +132,27 @@ mod tests {
             assert_eq!(route.cluster, zklb_wire::cluster_name("Echo"));
         }
         assert_eq!(table.lookup("other:80"), Lookup::Unknown("other".into()));
-        assert_eq!(table.version, 9);
+    }
+
+    #[test]
+    fn services_differing_only_in_case_resolve_to_the_same_one_every_time() {
+        let service = |name: &str| Service {
+            name: name.into(),
+            version: 1,
+            instances: vec![],
+        };
+        let set = ServiceSet {
+            version: 1,
+            services: BTreeMap::from([
+                ("echo".into(), service("echo")),
+                ("Echo".into(), service("Echo")),
+            ]),
+        };
+        let table = ServiceTable::from_service_set(&set);
+        let Lookup::Found(route) = table.lookup("ECHO") else {
+            panic!("one of them must be found");
+        };
+        assert_eq!(route.name, "Echo");
     }
 
     #[test]

@@ -44,6 +44,7 @@ async fn membership_follows_registrations_and_deregistrations() {
     let b2 = stack.backend("echo", "b2").await;
     let mut b3 = stack.backend("echo", "b3").await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let first_version = echo_version(&stack).await;
 
     // A fourth instance registers: it gets traffic.
     let _b4 = stack.backend("echo", "b4").await;
@@ -105,5 +106,16 @@ async fn membership_follows_registrations_and_deregistrations() {
         },
     )
     .await;
-    assert!(listing["version"].as_i64().expect("version") > 0);
+    assert!(listing["version"].as_i64().expect("version") > first_version);
+}
+
+async fn echo_version(stack: &Stack) -> i64 {
+    let listing: serde_json::Value =
+        reqwest::get(format!("{}/v1/services/echo", stack.control_plane.url))
+            .await
+            .expect("GET /v1/services/echo")
+            .json()
+            .await
+            .expect("JSON");
+    listing["version"].as_i64().expect("version")
 }

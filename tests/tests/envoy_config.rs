@@ -23,6 +23,37 @@ fn shipped_envoy_config_validates() {
     );
 }
 
+/// Each attempt of a request goes to its own candidate only if the filter writes as many
+/// candidates as the route makes attempts.
+#[test]
+fn filter_retries_match_the_route_retries() {
+    let config =
+        std::fs::read_to_string(zklb_tests::stack::workspace_root().join("envoy/envoy.yaml"))
+            .expect("reading envoy/envoy.yaml");
+    let number_after = |key: &str| -> Vec<u32> {
+        config
+            .match_indices(key)
+            .map(|(at, _)| {
+                let digits: String = config[at + key.len()..]
+                    .trim_start()
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{key} is not followed by a number"))
+            })
+            .collect()
+    };
+    let route = number_after("num_retries:");
+    let filter = number_after(r#""retries":"#);
+    assert_eq!(route.len(), 1, "one route retry policy");
+    assert_eq!(
+        filter, route,
+        "the filter's retries differ from the route's num_retries"
+    );
+}
+
 #[tokio::test]
 async fn invalid_filter_config_is_rejected_at_load_with_the_reason() {
     let dir = tempfile::tempdir().expect("temporary directory");

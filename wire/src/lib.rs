@@ -60,6 +60,19 @@ pub struct Service {
     pub instances: Vec<Instance>,
 }
 
+impl Service {
+    /// The instances that may take requests, one per `ip:port`: two registrations of one
+    /// address (a restarted process whose old session has not expired yet) are one host, so it
+    /// neither gets a double share nor is tried twice for one request.
+    pub fn routable_instances(&self) -> Vec<&Instance> {
+        let mut seen = std::collections::HashSet::new();
+        self.instances
+            .iter()
+            .filter(|instance| instance.is_routable() && seen.insert(instance.host()))
+            .collect()
+    }
+}
+
 /// One registered instance, normalized from whichever registry format announced it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -183,6 +196,27 @@ mod tests {
         assert!(!instance("127.0.0.1", 8080, Status::Down).is_routable());
         assert!(!instance("backend.example", 8080, Status::Up).is_routable());
         assert!(!instance("127.0.0.1", 0, Status::Up).is_routable());
+    }
+
+    #[test]
+    fn an_address_registered_twice_is_one_routable_instance() {
+        let service = Service {
+            name: "echo".into(),
+            version: 1,
+            instances: vec![
+                Instance::new("old", "127.0.0.1", 8080, SourceFormat::Curator),
+                Instance::new("new", "127.0.0.1", 8080, SourceFormat::Curator),
+                Instance::new("down", "127.0.0.1", 8081, SourceFormat::Curator)
+                    .with_status(Status::Down),
+                Instance::new("other", "127.0.0.1", 8082, SourceFormat::Curator),
+            ],
+        };
+        let ids: Vec<&str> = service
+            .routable_instances()
+            .iter()
+            .map(|instance| instance.id.as_str())
+            .collect();
+        assert_eq!(ids, ["old", "other"]);
     }
 
     #[test]
