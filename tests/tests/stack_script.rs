@@ -1,5 +1,5 @@
 //! The README's first command: `scripts/stack` brings the whole stack up, says where to send
-//! requests, serves them, and stops everything on Ctrl-C.
+//! requests, serves them, and stops everything when told to.
 
 use std::process::Command;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use zklb_tests::process::Child;
 use zklb_tests::stack::{free_port, workspace_root};
 
 #[tokio::test]
-async fn stack_script_serves_the_demo_service_until_interrupted() {
+async fn stack_script_serves_the_demo_service_until_stopped() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let listen_port = free_port();
     let mut command = Command::new(workspace_root().join("scripts/stack"));
@@ -53,9 +53,12 @@ async fn stack_script_serves_the_demo_service_until_interrupted() {
     assert_eq!(backends.len(), 3, "three demo backends serve: {backends:?}");
 
     Command::new("kill")
-        .args(["-INT", &stack.id().to_string()])
+        // Ctrl-C (SIGINT) and SIGTERM run the same trap. The test sends SIGTERM because a shell
+        // cannot trap a SIGINT that was ignored when it started, as it is for every process of a
+        // test run that was itself started in the background.
+        .args(["-TERM", &stack.id().to_string()])
         .status()
-        .expect("sending Ctrl-C");
+        .expect("sending SIGTERM");
     eventually(
         Duration::from_secs(60),
         "scripts/stack stops everything",
