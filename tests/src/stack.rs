@@ -220,14 +220,18 @@ impl ControlPlane {
         .await;
     }
 
-    /// `GET /healthz`, whatever its status code.
-    pub async fn health(&self) -> Result<Value, String> {
-        reqwest::get(format!("{}/healthz", self.url))
+    /// `GET {path}` as JSON, whatever its status code.
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        reqwest::get(format!("{}{path}", self.url))
             .await
             .map_err(|error| error.to_string())?
             .json()
             .await
             .map_err(|error| error.to_string())
+    }
+
+    pub async fn health(&self) -> Result<Value, String> {
+        self.get("/healthz").await
     }
 
     pub fn log(&self) -> String {

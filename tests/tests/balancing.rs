@@ -87,13 +87,7 @@ async fn membership_follows_registrations_and_deregistrations() {
         Duration::from_secs(10),
         "the registry lists b1 and b4",
         || async {
-            let listing: serde_json::Value =
-                reqwest::get(format!("{}/v1/services/echo", stack.control_plane.url))
-                    .await
-                    .map_err(|error| error.to_string())?
-                    .json()
-                    .await
-                    .map_err(|error| error.to_string())?;
+            let listing = stack.control_plane.get("/v1/services/echo").await?;
             let ids: Vec<&str> = listing["instances"]
                 .as_array()
                 .map(|instances| instances.iter().filter_map(|i| i["id"].as_str()).collect())
@@ -110,12 +104,10 @@ async fn membership_follows_registrations_and_deregistrations() {
 }
 
 async fn echo_version(stack: &Stack) -> i64 {
-    let listing: serde_json::Value =
-        reqwest::get(format!("{}/v1/services/echo", stack.control_plane.url))
-            .await
-            .expect("GET /v1/services/echo")
-            .json()
-            .await
-            .expect("JSON");
+    let listing = stack
+        .control_plane
+        .get("/v1/services/echo")
+        .await
+        .expect("GET /v1/services/echo");
     listing["version"].as_i64().expect("version")
 }

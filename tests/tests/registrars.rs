@@ -22,13 +22,11 @@ async fn an_instance_registered_by_apache_curator_receives_traffic() {
 
     stack.wait_for_backends("echo", &["b1", "b2"]).await;
 
-    let listing: serde_json::Value =
-        reqwest::get(format!("{}/v1/services/echo", stack.control_plane.url))
-            .await
-            .expect("GET /v1/services/echo")
-            .json()
-            .await
-            .expect("JSON");
+    let listing = stack
+        .control_plane
+        .get("/v1/services/echo")
+        .await
+        .expect("GET /v1/services/echo");
     let curator = listing["instances"]
         .as_array()
         .and_then(|instances| {

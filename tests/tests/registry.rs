@@ -25,12 +25,7 @@ async fn register(client: &Client, id: &str, data: &[u8]) {
 }
 
 async fn services(control_plane: &ControlPlane) -> Result<Value, String> {
-    reqwest::get(format!("{}/v1/services", control_plane.url))
-        .await
-        .map_err(|error| error.to_string())?
-        .json()
-        .await
-        .map_err(|error| error.to_string())
+    control_plane.get("/v1/services").await
 }
 
 fn instance_ports(listing: &Value) -> Vec<u64> {

@@ -3,14 +3,21 @@
 
 use std::time::Duration;
 
-use zklb_tests::{eventually, Stack};
+use zklb_tests::{eventually, Backend, Stack};
+
+async fn echo_with_two_backends() -> (Stack, [Backend; 2]) {
+    let stack = Stack::start().await;
+    let backends = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    (stack, backends)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traffic_survives_a_control_plane_restart_and_updates_resume() {
-    let mut stack = Stack::start().await;
-    let _b1 = stack.backend("echo", "b1").await;
-    let _b2 = stack.backend("echo", "b2").await;
-    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let (mut stack, _backends) = echo_with_two_backends().await;
 
     stack.control_plane.stop();
     let answers = stack.requests("echo", 300, 4).await;
@@ -33,10 +40,7 @@ async fn traffic_survives_a_control_plane_restart_and_updates_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_zookeeper_crash_serves_the_last_list_marked_stale_until_it_returns() {
-    let mut stack = Stack::start().await;
-    let _b1 = stack.backend("echo", "b1").await;
-    let _b2 = stack.backend("echo", "b2").await;
-    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let (mut stack, _backends) = echo_with_two_backends().await;
 
     stack.zookeeper.crash();
     let health = eventually(
@@ -83,10 +87,7 @@ async fn a_zookeeper_crash_serves_the_last_list_marked_stale_until_it_returns() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_control_plane_restarted_without_zookeeper_does_not_empty_envoy() {
-    let mut stack = Stack::start().await;
-    let _b1 = stack.backend("echo", "b1").await;
-    let _b2 = stack.backend("echo", "b2").await;
-    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let (mut stack, _backends) = echo_with_two_backends().await;
 
     // The new process cannot read ZooKeeper, so it knows of no service at all.
     stack.zookeeper.crash();
