@@ -50,6 +50,15 @@ impl Child {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`, ...) to the process alone.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(sent, "sending SIG{signal} to {}", self.name);
+    }
+
     /// Asks the process to stop (SIGTERM), and kills it if it has not within `grace`.
     pub fn terminate(&mut self, grace: Duration) {
         if !self.is_running() {

@@ -14,6 +14,9 @@ use crate::process::Child;
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The control plane's ZooKeeper session timeout in the tests: short, so that expiry is quick
+/// to provoke.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The workspace root, where `target/` and `.venv/` live.
 pub fn workspace_root() -> PathBuf {
@@ -179,6 +182,10 @@ impl ControlPlane {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--zookeeper", &zookeeper.connect])
             .args(["--root", root])
+            .args([
+                "--session-timeout-ms",
+                &SESSION_TIMEOUT.as_millis().to_string(),
+            ])
             .env("RUST_LOG", "info");
         Child::spawn("control-plane", command, dir)
     }
@@ -206,6 +213,15 @@ impl ControlPlane {
 
     pub fn stop(&mut self) {
         self.process.terminate(STOP_GRACE);
+    }
+
+    /// Freezes the process (SIGSTOP), as a long pause of its runtime or host would.
+    pub fn freeze(&self) {
+        self.process.signal("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
     }
 
     /// Starts a new control plane process on the same port, as a supervisor would, and waits

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use zklb_tests::stack::SESSION_TIMEOUT;
 use zklb_tests::{eventually, Backend, Stack};
 
 async fn echo_with_two_backends() -> (Stack, [Backend; 2]) {
@@ -126,6 +127,41 @@ async fn a_control_plane_restarted_without_zookeeper_does_not_empty_envoy() {
 
     stack.zookeeper.restart().await;
     stack.control_plane.wait_until_serving().await;
+    let _b3 = stack.backend("echo", "b3").await;
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_session_is_replaced_and_the_registry_followed_again() {
+    let (stack, _backends) = echo_with_two_backends().await;
+
+    // A control plane frozen past its session timeout comes back to an expired session.
+    stack.control_plane.freeze();
+    let answers = stack.requests("echo", 200, 4).await;
+    // Not a wait for a condition: the outage itself must outlast the session timeout.
+    tokio::time::sleep(SESSION_TIMEOUT * 2).await;
+    stack.control_plane.thaw();
+    assert!(
+        answers.iter().all(|answer| answer.status == 200),
+        "requests failed while the control plane was frozen"
+    );
+
+    eventually(
+        Duration::from_secs(30),
+        "a new session replaces the expired one",
+        || async {
+            let log = stack.control_plane.log();
+            let health = stack.control_plane.health().await?;
+            if log.contains("ZooKeeper session lost; opening a new one")
+                && health["status"] == "serving"
+            {
+                Ok(())
+            } else {
+                Err(health.to_string())
+            }
+        },
+    )
+    .await;
     let _b3 = stack.backend("echo", "b3").await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
 }
