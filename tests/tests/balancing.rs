@@ -30,6 +30,10 @@ async fn three_backends_share_traffic_uniformly() {
         .map(|id| counts.get(*id).copied().unwrap_or(0))
         .collect();
     assert_eq!(observed.iter().sum::<u64>(), 3_000);
+    println!(
+        "shares {observed:?}, chi-square {:.2}",
+        chi_square_uniform(&observed)
+    );
     assert!(
         is_uniform(&observed),
         "shares {observed:?} are not uniform (chi-square {:.2}, critical 13.816 at p = 0.001)",
