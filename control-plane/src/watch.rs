@@ -84,6 +84,8 @@ struct Changes {
     disconnected: bool,
     /// The session reconnected, and the server may have forgotten the persistent watch.
     reconnected: bool,
+    /// More events were queued than one batch takes.
+    more_queued: bool,
 }
 
 impl Changes {
@@ -91,11 +93,27 @@ impl Changes {
         !self.everything && self.services.is_empty() && !self.disconnected && !self.reconnected
     }
 
+    /// What to do after a failed request: wait for the reconnection if the connection was lost
+    /// (requests fail with it while the client reconnects), end the session otherwise.
+    fn after(error: WatchError) -> Result<Changes, WatchError> {
+        match error {
+            WatchError::ZooKeeper {
+                source: zookeeper_client::Error::ConnectionLoss,
+                ..
+            } => Ok(Changes {
+                disconnected: true,
+                ..Changes::default()
+            }),
+            error => Err(error),
+        }
+    }
+
     fn merge(&mut self, other: Changes) {
         self.everything |= other.everything;
         self.services.extend(other.services);
         self.disconnected |= other.disconnected;
         self.reconnected |= other.reconnected;
+        self.more_queued |= other.more_queued;
     }
 }
 
@@ -108,6 +126,12 @@ impl<'a> Session<'a> {
             .await
             .unwrap_or(Err(zookeeper_client::Error::Timeout))
             .map_err(|source| zookeeper_error("connect", &config.connect, source))?;
+        // A new session may reach a server that lags the one the last session read from; `sync`
+        // brings it up to date, so the registry never goes back to an older version.
+        client
+            .sync("/")
+            .await
+            .map_err(|source| zookeeper_error("sync", "/", source))?;
         // The watch goes first, so that no change made during the initial read is missed.
         let watcher = client
             .watch(&config.root, AddWatchMode::PersistentRecursive)
@@ -140,7 +164,10 @@ impl<'a> Session<'a> {
                 continue;
             }
             if changes.reconnected {
-                self.rewatch().await?;
+                if let Err(error) = self.rewatch().await {
+                    changes = Changes::after(error)?;
+                    continue;
+                }
             }
             let mut reading = if changes.everything {
                 self.listings.keys().cloned().collect()
@@ -151,7 +178,13 @@ impl<'a> Session<'a> {
             let mut later = Changes::default();
             let mut consistent = false;
             for _ in 0..MAX_ROUNDS {
-                let unsettled = self.read(&reading, &publishers.stats).await?;
+                let unsettled = match self.read(&reading, &publishers.stats).await {
+                    Ok(unsettled) => unsettled,
+                    Err(error) => {
+                        changes = Changes::after(error)?;
+                        continue 'batches;
+                    }
+                };
                 // ZooKeeper sends a change's event before any reply that reflects a later change.
                 // So once the read is answered, every earlier change to a service outside the
                 // read is queued: if there is none, the registry is one state of the tree.
@@ -166,19 +199,24 @@ impl<'a> Session<'a> {
                     .filter(|service| !reading.contains(*service))
                     .cloned()
                     .collect();
+                let settled = unsettled.is_empty() && outside.is_empty() && !queued.more_queued;
                 later.merge(queued);
-                if unsettled.is_empty() && outside.is_empty() {
+                if settled {
                     consistent = true;
                     break;
                 }
                 reading.extend(unsettled);
                 reading.extend(outside);
             }
-            if !consistent {
-                tracing::debug!("publishing a registry that kept changing while it was read");
+            if consistent {
+                publish(&self.registry, publishers);
+                publishers.health.send_replace(Health::in_sync());
+            } else {
+                // Publishing now could mix moments of the tree; keep serving the last snapshot
+                // and read on.
+                tracing::debug!("the registry kept changing while it was read; reading again");
+                later.services.extend(reading);
             }
-            publish(&self.registry, publishers);
-            publishers.health.send_replace(Health::in_sync());
             changes = if later.is_empty() {
                 self.next_changes().await?
             } else {
@@ -219,9 +257,10 @@ impl<'a> Session<'a> {
             // `timeout_at` polls for the event before it looks at the deadline.
             match timeout_at(deadline, self.watcher.changed()).await {
                 Ok(event) => self.note(&mut changes, &event)?,
-                Err(_) => break,
+                Err(_) => return Ok(changes),
             }
         }
+        changes.more_queued = true;
         Ok(changes)
     }
 
@@ -328,8 +367,9 @@ impl<'a> Session<'a> {
             children.sort();
             let mut asked_for = listing.clone();
             asked_for.sort();
-            if children != asked_for {
-                self.listings.insert(service.clone(), children);
+            let settled = children == asked_for;
+            self.listings.insert(service.clone(), children);
+            if !settled {
                 unsettled.insert(service);
                 continue;
             }
@@ -342,6 +382,10 @@ impl<'a> Session<'a> {
                         mzxid: stat.mzxid,
                         data,
                     }),
+                    Some(MultiReadResult::Error { err }) => {
+                        tracing::warn!(service, znode = name, error = %err, "cannot read instance znode");
+                        None
+                    }
                     _ => None,
                 })
                 .collect();
