@@ -250,6 +250,20 @@ impl ControlPlane {
         self.get("/healthz").await
     }
 
+    /// Waits until `/healthz` reports `status` (`serving`, `stale`, ...) and returns the report.
+    pub async fn wait_for_status(&self, status: &str, within: Duration) -> Value {
+        let what = format!("the control plane reports {status}");
+        eventually(within, &what, || async {
+            let health = self.health().await?;
+            if health["status"] == status {
+                Ok(health)
+            } else {
+                Err(health.to_string())
+            }
+        })
+        .await
+    }
+
     pub fn log(&self) -> String {
         self.process.log()
     }

@@ -24,6 +24,16 @@ async fn register(client: &Client, id: &str, data: &[u8]) {
         .unwrap_or_else(|error| panic!("registering {id}: {error}"));
 }
 
+async fn create_service(client: &Client, service: &str) {
+    client
+        .mkdir(
+            &format!("/services/{service}"),
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("creating /services/{service}: {error}"));
+}
+
 async fn services(control_plane: &ControlPlane) -> Result<Value, String> {
     control_plane.get("/v1/services").await
 }
@@ -48,13 +58,7 @@ async fn replicas_publish_the_same_version_for_the_same_registry() {
     let zookeeper = ZooKeeper::start(dir.path()).await;
     let first = ControlPlane::start(&zookeeper, "/services", &dir.path().join("first")).await;
     let registrar = zookeeper.client().await;
-    registrar
-        .mkdir(
-            "/services/orders",
-            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .expect("creating /services/orders");
+    create_service(&registrar, "orders").await;
     for (id, port) in [("a", 9001), ("b", 9002), ("c", 9003)] {
         register(&registrar, id, &curator(id, port)).await;
     }
@@ -107,13 +111,7 @@ async fn malformed_znodes_are_skipped_counted_and_the_rest_kept() {
     let zookeeper = ZooKeeper::start(dir.path()).await;
     let control_plane = ControlPlane::start(&zookeeper, "/services", dir.path()).await;
     let registrar = zookeeper.client().await;
-    registrar
-        .mkdir(
-            "/services/orders",
-            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .expect("creating /services/orders");
+    create_service(&registrar, "orders").await;
     register(&registrar, "good", &curator("good", 9001)).await;
     register(
         &registrar,
@@ -185,13 +183,7 @@ async fn a_version_names_one_registry_even_under_concurrent_changes() {
     ];
     let registrar = zookeeper.client().await;
     for service in ["alpha", "beta"] {
-        registrar
-            .mkdir(
-                &format!("/services/{service}"),
-                &CreateMode::Persistent.with_acls(Acls::anyone_all()),
-            )
-            .await
-            .expect("creating a service");
+        create_service(&registrar, service).await;
         registrar
             .create(
                 &format!("/services/{service}/one"),
