@@ -1,5 +1,5 @@
-//! The HTTP API: service lists with versions and long-poll, health, metrics; xDS is mounted
-//! alongside from [`crate::xds`].
+//! The HTTP API: service lists with versions and long-poll, liveness, readiness and metrics.
+//! (Envoy's membership is served over gRPC by [`crate::xds`], on the same listener.)
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -10,22 +10,24 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
-use zklb_wire::{ErrorBody, Version};
+use zklb_wire::{ErrorBody, Freshness, ServiceList, Version};
 
-use crate::snapshot::{Channels, Snapshot};
-use crate::xds::{self, XdsSettings};
+use crate::snapshot::{Channels, Health, Snapshot};
+use crate::xds::{TypeStats, XdsStats};
 
 #[derive(Clone)]
 pub struct AppState {
     pub channels: Channels,
-    pub xds: Arc<XdsSettings>,
+    pub xds: Arc<XdsStats>,
     /// Longest time a long-poll is held open.
     pub max_hold: Duration,
+    /// How long the registry may lag ZooKeeper before the control plane stops being ready.
+    pub max_stale: Duration,
     /// Turns true when the server shuts down, releasing held polls.
     pub stopping: watch::Receiver<bool>,
 }
@@ -35,9 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
         .route("/healthz", get(get_health))
+        .route("/readyz", get(get_readiness))
         .route("/metrics", get(get_metrics))
-        .route("/v3/discovery:clusters", post(xds::discover_clusters))
-        .route("/v3/discovery:endpoints", post(xds::discover_endpoints))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }
@@ -93,6 +94,14 @@ impl AppState {
         }
     }
 
+    pub fn health(&self) -> Health {
+        self.channels.health.borrow().clone()
+    }
+
+    pub fn freshness(&self) -> Freshness {
+        self.health().freshness()
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.channels.snapshots.borrow())
     }
@@ -113,12 +122,36 @@ async fn list_services(
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let list = |snapshot: &Snapshot| {
+        let freshness = state.freshness();
+        let list = ServiceList {
+            set: snapshot.services.clone(),
+            freshness: freshness.clone(),
+        };
+        with_freshness(&freshness, Json(list).into_response())
+    };
     let Some(after) = query.after else {
-        return Ok(Json(&state.synced_snapshot()?.services).into_response());
+        return Ok(list(&*state.synced_snapshot()?));
     };
     let wait = Duration::from_secs(query.wait.unwrap_or(state.max_hold.as_secs()));
     let newer = state.snapshot_when(wait, |snapshot| snapshot.services.version > after);
-    Ok(respond_or_not_modified(newer, |snapshot| Json(&snapshot.services).into_response()).await)
+    Ok(respond_or_not_modified(newer, list).await)
+}
+
+/// Adds the freshness headers, so that a consumer that reads only headers sees it too.
+fn with_freshness(freshness: &Freshness, mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set(zklb_wire::STALE_HEADER, freshness.stale.to_string());
+    if let Some(last_sync) = freshness.last_sync {
+        set(zklb_wire::LAST_SYNC_HEADER, last_sync.to_string());
+    }
+    set(zklb_wire::SESSION_HEADER, freshness.session.clone());
+    response
 }
 
 pub async fn respond_or_not_modified(
@@ -140,35 +173,64 @@ async fn get_service(
         snapshot.services.services.get(&name).ok_or_else(|| {
             ApiError::NotFound(format!("no service named {name:?} is registered"))
         })?;
-    Ok(Json(service).into_response())
+    Ok(with_freshness(
+        &state.freshness(),
+        Json(service).into_response(),
+    ))
 }
 
+/// Liveness: the process answers. The body says how the registry is doing.
 async fn get_health(State(state): State<AppState>) -> Response {
-    let health = *state.channels.health.borrow();
+    let health = state.health();
     let snapshot = state.snapshot();
-    let status = match (health.synced, health.connected) {
+    let status = match (health.synced, health.stale_since.is_some()) {
         (false, _) => "starting",
-        (true, true) => "serving",
-        (true, false) => "stale",
+        (true, false) => "serving",
+        (true, true) => "stale",
     };
     let body = json!({
         "status": status,
-        "zookeeper": if health.connected { "connected" } else { "disconnected" },
+        "zookeeper": health.session(),
         "version": snapshot.services.version,
         "services": snapshot.services.services.len(),
         "stale_seconds": health.stale_seconds(),
+        "problem": health.problem,
     });
-    // Never synced: nothing worth serving yet. Stale: still serving the last good list.
-    let code = if health.synced {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body)).into_response()
+    Json(body).into_response()
+}
+
+/// Why the control plane is not ready, if it is not: it has read ZooKeeper, can read the
+/// registry, and its registry lags ZooKeeper by no more than `max_stale`.
+fn unreadiness(health: &Health, max_stale: Duration) -> Option<String> {
+    if let Some(problem) = &health.problem {
+        return Some(problem.clone());
+    }
+    if !health.synced {
+        return Some("the control plane has not read ZooKeeper yet".into());
+    }
+    let stale = health.stale_seconds();
+    (stale > max_stale.as_secs_f64()).then(|| {
+        format!(
+            "ZooKeeper has been unreachable for {stale:.0} s (more than {} s); serving the last registry read",
+            max_stale.as_secs()
+        )
+    })
+}
+
+/// Readiness: 200 while the lists follow ZooKeeper closely enough, 503 with the reason otherwise.
+async fn get_readiness(State(state): State<AppState>) -> Response {
+    match unreadiness(&state.health(), state.max_stale) {
+        None => Json(json!({"ready": true})).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": reason})),
+        )
+            .into_response(),
+    }
 }
 
 async fn get_metrics(State(state): State<AppState>) -> Response {
-    let health = *state.channels.health.borrow();
+    let health = state.health();
     let snapshot = state.snapshot();
     let instances: usize = snapshot
         .services
@@ -219,6 +281,48 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
         "Instance znodes skipped because they could not be decoded (each version once).",
         skipped.to_string(),
     );
+    metric(
+        "zklb_ready",
+        "gauge",
+        "1 while /readyz answers 200.",
+        u8::from(unreadiness(&health, state.max_stale).is_none()).to_string(),
+    );
+    metric(
+        "zklb_xds_streams",
+        "gauge",
+        "Open ADS streams (one per Envoy).",
+        state.xds.streams.load(Ordering::Relaxed).to_string(),
+    );
+    let per_type = |stat: fn(&TypeStats) -> u64| {
+        format!(
+            "{{type=\"cluster\"}} {}\n{{type=\"endpoints\"}} {}",
+            stat(&state.xds.clusters),
+            stat(&state.xds.endpoints)
+        )
+    };
+    let labelled = [
+        (
+            "zklb_xds_responses_total",
+            "ADS responses sent, by resource type.",
+            per_type(|stats| stats.responses.load(Ordering::Relaxed)),
+        ),
+        (
+            "zklb_xds_resources_sent_total",
+            "Resources sent (added or changed) over every ADS stream, by type.",
+            per_type(|stats| stats.resources_sent.load(Ordering::Relaxed)),
+        ),
+        (
+            "zklb_xds_rejections_total",
+            "ADS responses that Envoy rejected (NACK), by type.",
+            per_type(|stats| stats.rejections.load(Ordering::Relaxed)),
+        ),
+    ];
+    for (name, help, values) in labelled {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for line in values.lines() {
+            text.push_str(&format!("{name}{line}\n"));
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -238,12 +342,9 @@ mod tests {
         let (stop, stopping) = watch::channel(false);
         let state = AppState {
             channels,
-            xds: Arc::new(XdsSettings {
-                control_plane_cluster: "zklb_control_plane".into(),
-                request_timeout: Duration::from_secs(40),
-                connect_timeout: Duration::from_secs(1),
-            }),
+            xds: Arc::new(XdsStats::default()),
             max_hold: Duration::from_secs(30),
+            max_stale: Duration::from_secs(60),
             stopping,
         };
         (router(state), publishers, stop)
@@ -363,25 +464,6 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let (status, _) = get(&app, "/v1/services?after=0&wait=5").await;
         assert_eq!(status, StatusCode::NOT_MODIFIED);
-        for (path, request) in [
-            ("/v3/discovery:clusters", r#"{"version_info": "42"}"#),
-            (
-                "/v3/discovery:endpoints",
-                r#"{"version_info": "42", "resource_names": ["zklb_service_echo"]}"#,
-            ),
-        ] {
-            let response = app
-                .clone()
-                .oneshot(
-                    Request::post(path)
-                        .header("content-type", "application/json")
-                        .body(Body::from(request))
-                        .expect("request"),
-                )
-                .await
-                .expect("infallible");
-            assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{path}");
-        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -419,16 +501,82 @@ mod tests {
     async fn health_reports_starting_serving_and_stale() {
         let (app, publishers, _stop) = app();
         let (status, body) = get(&app, "/healthz").await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "liveness does not depend on ZooKeeper"
+        );
         assert_eq!(body["status"], "starting");
-        publishers.health.send_replace(Health::in_sync());
-        let (status, body) = get(&app, "/healthz").await;
-        assert_eq!(status, StatusCode::OK);
+        publishers.health.send_modify(Health::read_now);
+        let (_, body) = get(&app, "/healthz").await;
         assert_eq!(body["status"], "serving");
         publishers.health.send_modify(Health::lost);
         let (status, body) = get(&app, "/healthz").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "stale");
         assert_eq!(body["zookeeper"], "disconnected");
+    }
+
+    #[tokio::test]
+    async fn readiness_needs_a_readable_registry_and_says_why_not() {
+        let (app, publishers, _stop) = app();
+        let (status, body) = get(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body["reason"],
+            "the control plane has not read ZooKeeper yet"
+        );
+        publishers.health.send_modify(Health::read_now);
+        let (status, body) = get(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["ready"], true);
+        publishers
+            .health
+            .send_modify(|health| health.unreadable("the registry root /x does not exist".into()));
+        let (status, body) = get(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["reason"], "the registry root /x does not exist");
+    }
+
+    #[test]
+    fn staleness_within_the_bound_is_still_ready() {
+        let mut health = Health::default();
+        health.read_now();
+        health.lost();
+        assert_eq!(unreadiness(&health, Duration::from_secs(60)), None);
+        health.stale_since = Some(std::time::SystemTime::now() - Duration::from_secs(90));
+        let reason = unreadiness(&health, Duration::from_secs(60)).expect("too stale");
+        assert!(reason.contains("more than 60 s"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn lists_carry_their_freshness_in_the_body_and_headers() {
+        let (app, publishers, _stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
+        publishers.health.send_modify(Health::read_now);
+        publishers.health.send_modify(Health::lost);
+        let response = app
+            .clone()
+            .oneshot(
+                Request::get("/v1/services")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        assert_eq!(response.headers()[zklb_wire::STALE_HEADER], "true");
+        assert_eq!(
+            response.headers()[zklb_wire::SESSION_HEADER],
+            "disconnected"
+        );
+        assert!(response.headers().contains_key(zklb_wire::LAST_SYNC_HEADER));
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(body["stale"], true);
+        assert_eq!(body["session"], "disconnected");
+        assert!(body["last_sync"].as_i64().is_some(), "{body}");
+        assert_eq!(body["version"], 7);
     }
 }

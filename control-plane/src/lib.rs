@@ -3,7 +3,7 @@
 //! - [`watch`] follows ZooKeeper and is the only writer of [`snapshot`]s;
 //! - [`decode`] turns znodes into normalized instances and [`registry`] versions them by zxid;
 //! - [`api`] serves the lists (with long-poll), health and metrics; [`xds`] gives Envoy one
-//!   cluster per service.
+//!   cluster per service over gRPC ADS, on the same listener.
 
 pub mod api;
 pub mod decode;
@@ -13,6 +13,7 @@ pub mod watch;
 pub mod xds;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,14 +36,17 @@ pub struct Config {
     /// ZooKeeper session timeout, in milliseconds.
     #[arg(long, env = "ZKLB_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
-    /// Name of Envoy's cluster that reaches this control plane; generated clusters fetch their
-    /// members through it.
-    #[arg(long, env = "ZKLB_XDS_CLUSTER", default_value = "zklb_control_plane")]
-    pub xds_cluster: String,
-    /// Longest time a long-poll (lists or xDS) is held open, in seconds. At most 30: it must stay
-    /// below the `request_timeout` of Envoy's cluster-list subscription (40 s in envoy.yaml).
-    #[arg(long, env = "ZKLB_MAX_HOLD_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
+    /// Longest time a list long-poll is held open, in seconds.
+    #[arg(long, env = "ZKLB_MAX_HOLD_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub max_hold_seconds: u64,
+    /// How long the registry may lag ZooKeeper (while ZooKeeper is unreachable) before
+    /// `/readyz` answers 503, in seconds. The lists keep being served meanwhile.
+    #[arg(long, env = "ZKLB_MAX_STALE_SECONDS", default_value_t = 120)]
+    pub max_stale_seconds: u64,
+    /// JSON file with the settings of the generated Envoy clusters: `{"defaults": {...},
+    /// "services": {"<name>": {...}}}` (see the README). Built-in defaults without it.
+    #[arg(long, env = "ZKLB_CLUSTER_SETTINGS")]
+    pub cluster_settings: Option<PathBuf>,
 }
 
 fn parse_root(root: &str) -> Result<String, String> {
@@ -67,35 +71,55 @@ impl Config {
     }
 }
 
-/// Serves on `listener` until `shutdown` completes, then releases held polls and closes the
-/// ZooKeeper session.
+/// Serves on `listener` until `shutdown` completes, then releases held polls, ends the ADS
+/// streams and closes the ZooKeeper session.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let cluster_settings = match &config.cluster_settings {
+        Some(path) => xds::settings::ClusterSettingsTable::load(path)?,
+        None => xds::settings::ClusterSettingsTable::default(),
+    };
     let (publishers, channels) = snapshot::channels();
     let watcher = tokio::spawn(watch::watch_registry(config.watch_config(), publishers));
+    let (resources_tx, resources) = tokio::sync::watch::channel(Arc::default());
+    let builder = tokio::spawn(xds::follow_snapshots(
+        channels.snapshots.clone(),
+        cluster_settings,
+        resources_tx,
+    ));
     let (stop, stopping) = tokio::sync::watch::channel(false);
-    let max_hold = Duration::from_secs(config.max_hold_seconds);
+    let xds_stats = Arc::new(xds::XdsStats::default());
     let state = api::AppState {
         channels,
-        xds: Arc::new(xds::XdsSettings {
-            control_plane_cluster: config.xds_cluster.clone(),
-            request_timeout: max_hold + Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(1),
-        }),
-        max_hold,
+        xds: Arc::clone(&xds_stats),
+        max_hold: Duration::from_secs(config.max_hold_seconds),
+        max_stale: Duration::from_secs(config.max_stale_seconds),
+        stopping: stopping.clone(),
+    };
+    let ads = xds::server::AdsService {
+        resources,
+        stats: xds_stats,
         stopping,
     };
+    let app = api::router(state).route_service(&ads_path(), ads.into_server());
     tracing::info!(address = %listener.local_addr()?, "control plane listening");
-    let served = axum::serve(listener, api::router(state))
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             stop.send_replace(true);
         })
         .await;
     watcher.abort();
+    builder.abort();
     served?;
     Ok(())
+}
+
+/// The gRPC path of every ADS method, routed to the ADS service beside the HTTP API.
+fn ads_path() -> String {
+    use tonic::server::NamedService;
+    format!("/{}/{{*method}}", xds::server::AdsServer::NAME)
 }

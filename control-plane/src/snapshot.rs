@@ -1,10 +1,10 @@
 //! What the watcher publishes and every HTTP and xDS handler reads.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use zklb_wire::{ServiceSet, Version};
+use zklb_wire::{Freshness, ServiceSet, Version};
 
 use crate::registry::{DecodeStats, Registry};
 
@@ -30,8 +30,8 @@ impl Snapshot {
     }
 }
 
-/// How fresh the snapshot is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How fresh the snapshot is, and what keeps it from following ZooKeeper.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Health {
     /// Whether the snapshot follows ZooKeeper right now (connected and read).
     pub connected: bool,
@@ -39,15 +39,22 @@ pub struct Health {
     pub synced: bool,
     /// Since when the snapshot may lag ZooKeeper; `None` while connected.
     pub stale_since: Option<SystemTime>,
+    /// When the last consistent read of the registry completed.
+    pub last_sync: Option<SystemTime>,
+    /// Why the registry cannot be read although ZooKeeper answers (a missing root, say).
+    pub problem: Option<String>,
 }
 
 impl Health {
-    pub fn in_sync() -> Health {
-        Health {
+    /// A consistent read of the registry has just completed.
+    pub fn read_now(&mut self) {
+        *self = Health {
             connected: true,
             synced: true,
             stale_since: None,
-        }
+            last_sync: Some(SystemTime::now()),
+            problem: None,
+        };
     }
 
     pub fn lost(&mut self) {
@@ -55,11 +62,40 @@ impl Health {
         self.stale_since.get_or_insert_with(SystemTime::now);
     }
 
-    /// Seconds the snapshot may have lagged ZooKeeper; zero while connected.
+    /// ZooKeeper answers but the registry cannot be read: the last snapshot stays published and
+    /// stale until it can.
+    pub fn unreadable(&mut self, problem: String) {
+        self.connected = true;
+        self.stale_since.get_or_insert_with(SystemTime::now);
+        self.problem = Some(problem);
+    }
+
+    /// Seconds the snapshot may have lagged ZooKeeper; zero while it follows it.
     pub fn stale_seconds(&self) -> f64 {
         self.stale_since
             .map(|since| since.elapsed().unwrap_or_default().as_secs_f64())
             .unwrap_or(0.0)
+    }
+
+    /// The freshness that goes with every published list.
+    pub fn freshness(&self) -> Freshness {
+        Freshness {
+            stale: self.stale_since.is_some(),
+            last_sync: self.last_sync.map(|at| {
+                at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+                    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+                })
+            }),
+            session: self.session().to_string(),
+        }
+    }
+
+    pub fn session(&self) -> &'static str {
+        match (self.synced, self.connected) {
+            (_, true) => "connected",
+            (false, false) => "starting",
+            (true, false) => "disconnected",
+        }
     }
 }
 

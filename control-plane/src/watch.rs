@@ -179,7 +179,12 @@ impl<'a> Session<'a> {
             let mut consistent = false;
             for _ in 0..MAX_ROUNDS {
                 let unsettled = match self.read(&reading, &publishers.stats).await {
-                    Ok(unsettled) => unsettled,
+                    Ok(Some(unsettled)) => unsettled,
+                    Ok(None) => {
+                        self.report_missing_root(publishers);
+                        changes = self.next_changes().await?;
+                        continue 'batches;
+                    }
                     Err(error) => {
                         changes = Changes::after(error)?;
                         continue 'batches;
@@ -210,7 +215,7 @@ impl<'a> Session<'a> {
             }
             if consistent {
                 publish(&self.registry, publishers);
-                publishers.health.send_replace(Health::in_sync());
+                publishers.health.send_modify(Health::read_now);
             } else {
                 // Publishing now could mix moments of the tree; keep serving the last snapshot
                 // and read on.
@@ -222,6 +227,23 @@ impl<'a> Session<'a> {
             } else {
                 later
             };
+        }
+    }
+
+    /// A missing root is a misconfiguration (a typo in `--root`, a chroot that differs) or an
+    /// operator's mistake, never an empty registry: publishing one would remove every cluster
+    /// from every Envoy. The last snapshot stays, and readiness says why.
+    fn report_missing_root(&self, publishers: &Publishers) {
+        let problem = format!(
+            "the registry root {} does not exist in ZooKeeper; serving the last registry read",
+            self.config.root
+        );
+        let reported = publishers.health.borrow().problem.as_ref() == Some(&problem);
+        if !reported {
+            tracing::error!(root = self.config.root, "{problem}");
+            publishers
+                .health
+                .send_modify(|health| health.unreadable(problem));
         }
     }
 
@@ -296,12 +318,13 @@ impl<'a> Session<'a> {
     /// Reads the root's children and `services` in one atomic multi-read, so that what is read
     /// is one state of the tree, and applies it to the registry. Returns the services whose
     /// instances must be read again: new services, and services whose instance list was not
-    /// the one asked for (their previous content is kept until then).
+    /// the one asked for (their previous content is kept until then); `None` if the root does
+    /// not exist, leaving the registry as it was.
     async fn read(
         &mut self,
         services: &BTreeSet<String>,
         stats: &DecodeStats,
-    ) -> Result<BTreeSet<String>, WatchError> {
+    ) -> Result<Option<BTreeSet<String>>, WatchError> {
         let root = self.config.root.clone();
         let services: Vec<&String> = services
             .iter()
@@ -350,10 +373,7 @@ impl<'a> Session<'a> {
                 self.registry.retain_services(&names, root_stat.pzxid);
                 self.listings.retain(|name, _| names.contains(name));
             }
-            None => {
-                self.registry.retain_services(&[], 0);
-                self.listings.clear();
-            }
+            None => return Ok(None),
         }
         for (service, listing) in asked {
             let path = child_path(&root, &service);
@@ -398,7 +418,7 @@ impl<'a> Session<'a> {
                 stats,
             );
         }
-        Ok(unsettled)
+        Ok(Some(unsettled))
     }
 
     /// Whether a child of the root names a service zklb can publish; logs each bad name once.

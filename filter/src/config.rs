@@ -30,8 +30,6 @@ pub struct RouterConfig {
     /// Candidates written per request: the route's `num_retries` + 1, so that every attempt goes
     /// to a different host.
     pub candidates: usize,
-    /// How often each worker checks shared data for a newer service list.
-    pub refresh_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -55,8 +53,6 @@ struct RawPoller {
 #[serde(deny_unknown_fields)]
 struct RawRouter {
     retries: usize,
-    #[serde(default = "default_refresh_interval_ms")]
-    refresh_interval_ms: u64,
 }
 
 fn default_wait_seconds() -> u64 {
@@ -65,10 +61,6 @@ fn default_wait_seconds() -> u64 {
 
 fn default_retry_interval_ms() -> u64 {
     1_000
-}
-
-fn default_refresh_interval_ms() -> u64 {
-    100
 }
 
 /// Most retries a route may ask for; the candidate header stays a few hundred bytes.
@@ -124,14 +116,8 @@ impl PluginConfig {
                         raw.retries
                     )));
                 }
-                if raw.refresh_interval_ms == 0 {
-                    return Err(ConfigError(
-                        "router: refresh_interval_ms must be positive".into(),
-                    ));
-                }
                 Ok(PluginConfig::Router(RouterConfig {
                     candidates: raw.retries + 1,
-                    refresh_interval: Duration::from_millis(raw.refresh_interval_ms),
                 }))
             }
         }
@@ -151,13 +137,7 @@ mod tests {
     #[test]
     fn router_config_asks_for_one_candidate_per_attempt() {
         let config = PluginConfig::parse(br#"{"role": "router", "retries": 2}"#).expect("valid");
-        assert_eq!(
-            config,
-            PluginConfig::Router(RouterConfig {
-                candidates: 3,
-                refresh_interval: Duration::from_millis(100)
-            })
-        );
+        assert_eq!(config, PluginConfig::Router(RouterConfig { candidates: 3 }));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Two roles share one wasm module and one `vm_id`, so that they share Envoy's shared data:
 //! - the **poller** ([`poller`]), a singleton bootstrap service, long-polls the control plane
 //!   through Envoy and publishes the service list into shared data;
-//! - the **router** ([`router`]), the HTTP filter in every worker, reloads the list when its
-//!   version changes and, per request, maps the request to a service ([`table`]) and writes the
+//! - the **router** ([`router`]), the HTTP filter in every worker, reloads the list as soon as
+//!   a request sees its version change and, per request, maps the request to a service ([`table`]) and writes the
 //!   ordered candidate hosts ([`balancer`]) that Envoy's `override_host` policy follows.
 //!
 //! Everything that decides lives in plain modules that are unit-tested natively; only `poller`
@@ -75,10 +75,8 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        match self {
-            Root::Poller(poller) => poller.on_tick(),
-            Root::Router(router) => router.on_tick(),
-            Root::Unconfigured => {}
+        if let Root::Poller(poller) = self {
+            poller.on_tick();
         }
     }
 

@@ -15,39 +15,29 @@ use crate::plan::plan_request;
 use crate::table::ServiceTable;
 use crate::{SERVICES_KEY, SERVICES_VERSION_KEY};
 
-/// One per worker: keeps that worker's copy of the service table fresh.
+/// One per worker: that worker's copy of the service table, shared by its requests.
 pub struct RouterRoot {
     config: Rc<RouterConfig>,
-    table: Rc<RefCell<Option<ServiceTable>>>,
+    table: Rc<RefCell<LoadedTable>>,
     rng: Rc<RefCell<SmallRng>>,
-    /// The shared-data version last loaded, so an unchanged list is not parsed again.
-    loaded_version: Option<Vec<u8>>,
 }
 
-impl RouterRoot {
-    pub fn start(config: RouterConfig) -> RouterRoot {
-        if let Err(status) = hostcalls::set_tick_period(config.refresh_interval) {
-            log::error!("zklb router: cannot set tick period: {status:?}");
-        }
-        let mut root = RouterRoot {
-            config: Rc::new(config),
-            table: Rc::new(RefCell::new(None)),
-            rng: Rc::new(RefCell::new(seeded_rng())),
-            loaded_version: None,
-        };
-        root.refresh();
-        root
-    }
+/// The worker's service table and the shared-data version it was loaded from.
+#[derive(Default)]
+struct LoadedTable {
+    table: Option<ServiceTable>,
+    version: Option<Vec<u8>>,
+}
 
-    pub fn on_tick(&mut self) {
-        self.refresh();
-    }
-
+impl LoadedTable {
+    /// Loads the poller's list if its version moved. Checked on every request: one small
+    /// shared-data read, so that a worker routes by a new list as soon as the poller has it,
+    /// not on a timer.
     fn refresh(&mut self) {
         let Ok((Some(version), _)) = hostcalls::get_shared_data(SERVICES_VERSION_KEY) else {
             return;
         };
-        if self.loaded_version.as_ref() == Some(&version) {
+        if self.version.as_ref() == Some(&version) {
             return;
         }
         let Ok((Some(body), _)) = hostcalls::get_shared_data(SERVICES_KEY) else {
@@ -55,10 +45,20 @@ impl RouterRoot {
         };
         match serde_json::from_slice::<ServiceSet>(&body) {
             Ok(set) => {
-                *self.table.borrow_mut() = Some(ServiceTable::from_service_set(&set));
-                self.loaded_version = Some(version);
+                self.table = Some(ServiceTable::from_service_set(&set));
+                self.version = Some(version);
             }
             Err(error) => log::error!("zklb router: shared service list does not parse: {error}"),
+        }
+    }
+}
+
+impl RouterRoot {
+    pub fn start(config: RouterConfig) -> RouterRoot {
+        RouterRoot {
+            config: Rc::new(config),
+            table: Rc::new(RefCell::new(LoadedTable::default())),
+            rng: Rc::new(RefCell::new(seeded_rng())),
         }
     }
 
@@ -87,7 +87,7 @@ fn seeded_rng() -> SmallRng {
 
 pub struct Request {
     config: Rc<RouterConfig>,
-    table: Rc<RefCell<Option<ServiceTable>>>,
+    table: Rc<RefCell<LoadedTable>>,
     rng: Rc<RefCell<SmallRng>>,
 }
 
@@ -102,8 +102,9 @@ impl HttpContext for Request {
         let authority = self
             .get_http_request_header(":authority")
             .unwrap_or_default();
+        self.table.borrow_mut().refresh();
         let planned = plan_request(
-            self.table.borrow().as_ref(),
+            self.table.borrow().table.as_ref(),
             &authority,
             self.config.candidates,
             &mut *self.rng.borrow_mut(),

@@ -164,6 +164,24 @@ mod tests {
         assert_eq!(route.hosts, vec!["127.0.0.1:8001".to_string()]);
     }
 
+    /// A control plane upgraded before the filter may send statuses and formats this build has
+    /// never heard of: those instances are not routed to, and the rest of the list is.
+    #[test]
+    fn a_list_from_a_newer_control_plane_still_routes() {
+        let json = br#"{"version": 12, "stale": false, "session": "connected",
+            "services": {"echo": {"name": "echo", "version": 12, "instances": [
+                {"id": "a", "address": "127.0.0.1", "port": 8001, "status": "up", "source": "curator"},
+                {"id": "b", "address": "127.0.0.1", "port": 8002, "status": "up", "source": "eureka"},
+                {"id": "c", "address": "127.0.0.1", "port": 8003, "status": "hibernating", "source": "curator"}
+            ]}}}"#;
+        let set: ServiceSet = serde_json::from_slice(json).expect("the list is still used");
+        let table = ServiceTable::from_service_set(&set);
+        let Lookup::Found(route) = table.lookup("echo") else {
+            panic!("echo must exist");
+        };
+        assert_eq!(route.hosts, ["127.0.0.1:8001", "127.0.0.1:8002"]);
+    }
+
     #[test]
     fn ports_are_stripped_only_when_they_are_ports() {
         assert_eq!(strip_port("echo:8080"), "echo");

@@ -164,7 +164,26 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// A control plane that has read the registry at `root`, which is created first if it is
+    /// missing, as an operator sets up a registry: a control plane does not serve a registry
+    /// whose root does not exist.
     pub async fn start(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
+        zookeeper
+            .client()
+            .await
+            .mkdir(
+                root,
+                &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("creating the registry root {root}: {error}"));
+        let control_plane = Self::launch(zookeeper, root, dir).await;
+        control_plane.wait_until_serving().await;
+        control_plane
+    }
+
+    /// A control plane that answers HTTP, whether or not it could read the registry.
+    pub async fn launch(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
         std::fs::create_dir_all(dir).expect("creating the log directory");
         let port = free_port();
         let control_plane = ControlPlane {
@@ -172,8 +191,15 @@ impl ControlPlane {
             url: format!("http://127.0.0.1:{port}"),
             process: Self::spawn(port, zookeeper, root, dir),
         };
-        control_plane.wait_until_serving().await;
+        control_plane.wait_until_answering().await;
         control_plane
+    }
+
+    async fn wait_until_answering(&self) {
+        eventually(START_TIMEOUT, "the control plane answers", || async {
+            self.health().await.map(drop)
+        })
+        .await;
     }
 
     fn spawn(port: u16, zookeeper: &ZooKeeper, root: &str, dir: &Path) -> Child {
@@ -197,14 +223,14 @@ impl ControlPlane {
             "the control plane has read ZooKeeper",
             || async {
                 let response = http
-                    .get(format!("{}/healthz", self.url))
+                    .get(format!("{}/readyz", self.url))
                     .send()
                     .await
                     .map_err(|error| error.to_string())?;
                 if response.status().is_success() {
                     Ok(())
                 } else {
-                    Err(format!("/healthz answered {}", response.status()))
+                    Err(format!("/readyz answered {}", response.status()))
                 }
             },
         )
@@ -228,12 +254,7 @@ impl ControlPlane {
     /// until it answers HTTP (whether or not it could read ZooKeeper yet).
     pub async fn restart(&mut self, zookeeper: &ZooKeeper, root: &str, dir: &Path) {
         self.process = Self::spawn(self.port, zookeeper, root, dir);
-        eventually(
-            START_TIMEOUT,
-            "the restarted control plane answers",
-            || async { self.health().await.map(drop) },
-        )
-        .await;
+        self.wait_until_answering().await;
     }
 
     /// `GET {path}` as JSON, whatever its status code.
@@ -244,6 +265,22 @@ impl ControlPlane {
             .json()
             .await
             .map_err(|error| error.to_string())
+    }
+
+    /// The value of one line of `/metrics` (`name` with its labels, as printed), 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let url = format!("{}/metrics", self.url);
+        let text = reqwest::get(&url)
+            .await
+            .and_then(|response| response.error_for_status())
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+            .text()
+            .await
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"));
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub async fn health(&self) -> Result<Value, String> {
@@ -321,13 +358,29 @@ impl Envoy {
         envoy
     }
 
-    /// The value of one of Envoy's counters or gauges (0 if Envoy has not created it).
-    pub async fn stat(&self, name: &str) -> u64 {
-        let url = format!(
-            "{}/stats?format=json&filter=^{}$",
-            self.admin_url,
-            name.replace('.', "\\.")
-        );
+    /// `GET {path}` on the admin interface, as JSON.
+    pub async fn admin_json(&self, path: &str) -> Result<Value, String> {
+        reqwest::get(format!("{}{path}", self.admin_url))
+            .await
+            .and_then(|response| response.error_for_status())
+            .map_err(|error| error.to_string())?
+            .json()
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// The sum of every counter or gauge whose name matches the regular expression `pattern`.
+    pub async fn stat_sum(&self, pattern: &str) -> u64 {
+        self.stats(pattern)
+            .await
+            .iter()
+            .filter_map(|stat| stat["value"].as_u64())
+            .sum()
+    }
+
+    /// Envoy's stats whose names match `pattern`, as `{"name", "value"}` objects.
+    async fn stats(&self, pattern: &str) -> Vec<Value> {
+        let url = format!("{}/stats?format=json&filter={pattern}", self.admin_url);
         let stats: Value = reqwest::get(&url)
             .await
             .and_then(|response| response.error_for_status())
@@ -335,9 +388,16 @@ impl Envoy {
             .json()
             .await
             .unwrap_or_else(|error| panic!("GET {url}: {error}"));
-        stats["stats"]
-            .as_array()
-            .and_then(|stats| stats.iter().find(|stat| stat["name"] == name))
+        stats["stats"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The value of one of Envoy's counters or gauges (0 if Envoy has not created it).
+    pub async fn stat(&self, name: &str) -> u64 {
+        let pattern = format!("^{}$", name.replace('.', "\\."));
+        self.stats(&pattern)
+            .await
+            .iter()
+            .find(|stat| stat["name"] == name)
             .and_then(|stat| stat["value"].as_u64())
             .unwrap_or(0)
     }

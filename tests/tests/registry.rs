@@ -34,8 +34,11 @@ async fn create_service(client: &Client, service: &str) {
         .unwrap_or_else(|error| panic!("creating /services/{service}: {error}"));
 }
 
+/// The registry a control plane publishes: its version and services, without the freshness
+/// that says when this replica last read it.
 async fn services(control_plane: &ControlPlane) -> Result<Value, String> {
-    control_plane.get("/v1/services").await
+    let list = control_plane.get("/v1/services").await?;
+    Ok(json!({"version": list["version"], "services": list["services"]}))
 }
 
 fn instance_ports(listing: &Value) -> Vec<u64> {

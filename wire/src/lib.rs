@@ -145,6 +145,11 @@ pub enum Status {
     Up,
     /// Registered but not taking traffic (disabled, out of service, starting, down).
     Down,
+    /// A status that a newer control plane knows and this build does not. Such an instance is
+    /// not routable, and the rest of the list is still used: an older filter must keep routing
+    /// when the control plane is upgraded first.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The registry format an instance was decoded from.
@@ -153,12 +158,45 @@ pub enum Status {
 pub enum SourceFormat {
     /// Apache Curator x-discovery JSON (also written by Spring Cloud Zookeeper and Dubbo 3).
     Curator,
+    /// A format that a newer control plane decodes and this build does not know by name.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The JSON body of every HTTP error the control plane or the filter answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// How fresh a published list is, sent with every list (in the JSON and as headers), so that a
+/// consumer can tell a list that follows ZooKeeper from one kept while ZooKeeper is unreachable.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Freshness {
+    /// True while the control plane cannot follow ZooKeeper and serves its last read.
+    pub stale: bool,
+    /// When the ZooKeeper read that the list reflects completed, in milliseconds since the Unix
+    /// epoch; `None` before the first read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<i64>,
+    /// The control plane's ZooKeeper session: `connected`, `disconnected` or `starting`.
+    pub session: String,
+}
+
+/// Response header carrying [`Freshness::stale`].
+pub const STALE_HEADER: &str = "x-zklb-stale";
+/// Response header carrying [`Freshness::last_sync`].
+pub const LAST_SYNC_HEADER: &str = "x-zklb-last-sync";
+/// Response header carrying [`Freshness::session`].
+pub const SESSION_HEADER: &str = "x-zklb-session";
+
+/// `GET /v1/services`: the service set with its freshness.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceList {
+    #[serde(flatten)]
+    pub set: ServiceSet,
+    #[serde(flatten)]
+    pub freshness: Freshness,
 }
 
 #[cfg(test)]
@@ -217,6 +255,37 @@ mod tests {
             .map(|instance| instance.id.as_str())
             .collect();
         assert_eq!(ids, ["old", "other"]);
+    }
+
+    #[test]
+    fn values_from_a_newer_control_plane_decode_as_unknown_and_are_not_routable() {
+        let json = r#"{"id": "a", "address": "127.0.0.1", "port": 80,
+                       "status": "warming", "source": "consul"}"#;
+        let instance: Instance = serde_json::from_str(json).expect("parses");
+        assert_eq!(instance.status, Status::Unknown);
+        assert_eq!(instance.source, SourceFormat::Unknown);
+        assert!(!instance.is_routable());
+    }
+
+    #[test]
+    fn a_list_carries_its_freshness_beside_the_set() {
+        let list = ServiceList {
+            set: ServiceSet {
+                version: 5,
+                services: BTreeMap::new(),
+            },
+            freshness: Freshness {
+                stale: true,
+                last_sync: Some(1_700_000_000_000),
+                session: "disconnected".into(),
+            },
+        };
+        let json = serde_json::to_value(&list).expect("serializes");
+        assert_eq!(json["version"], 5);
+        assert_eq!(json["stale"], true);
+        assert_eq!(json["session"], "disconnected");
+        let set: ServiceSet = serde_json::from_value(json).expect("a plain set parses too");
+        assert_eq!(set, list.set);
     }
 
     #[test]

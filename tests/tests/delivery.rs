@@ -1,0 +1,307 @@
+//! Envoy's membership arrives over one incremental ADS stream: every service cluster with its
+//! members, a change sends only what it touches, and nothing can empty Envoy.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use zklb_tests::{eventually, ControlPlane, Stack, ZooKeeper};
+use zookeeper_client::{Acls, CreateMode, MultiWriter};
+
+/// The names of Envoy's dynamic clusters, from its config dump.
+async fn dynamic_clusters(stack: &Stack) -> Result<Vec<String>, String> {
+    let dump = stack
+        .envoy
+        .admin_json("/config_dump?resource=dynamic_active_clusters")
+        .await?;
+    let mut names: Vec<String> = dump["configs"]
+        .as_array()
+        .ok_or("no configs in the config dump")?
+        .iter()
+        .filter_map(|config| config["cluster"]["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The `ip:port` of every member of `cluster`, from Envoy's `/clusters`.
+async fn members(stack: &Stack, cluster: &str) -> Result<Vec<String>, String> {
+    let clusters = stack.envoy.admin_json("/clusters?format=json").await?;
+    let status = clusters["cluster_statuses"]
+        .as_array()
+        .ok_or("no cluster statuses")?
+        .iter()
+        .find(|status| status["name"] == cluster)
+        .ok_or_else(|| format!("Envoy has no cluster {cluster}"))?;
+    let mut hosts: Vec<String> = status["host_statuses"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|host| {
+            let address = &host["address"]["socket_address"];
+            format!(
+                "{}:{}",
+                address["address"].as_str().unwrap_or("?"),
+                address["port_value"]
+            )
+        })
+        .collect();
+    hosts.sort();
+    Ok(hosts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_gets_every_service_cluster_and_its_members_over_one_ads_stream() {
+    let stack = Stack::start().await;
+    let echo = [
+        stack.backend("echo", "e1").await,
+        stack.backend("echo", "e2").await,
+    ];
+    let orders = stack.backend("orders", "o1").await;
+    stack.wait_for_backends("echo", &["e1", "e2"]).await;
+    stack.wait_for_backends("orders", &["o1"]).await;
+
+    let clusters = dynamic_clusters(&stack).await.expect("config dump");
+    assert_eq!(clusters, ["zklb_service_echo", "zklb_service_orders"]);
+    let dump = stack
+        .envoy
+        .admin_json("/config_dump?resource=dynamic_active_clusters")
+        .await
+        .expect("config dump");
+    for config in dump["configs"].as_array().expect("configs") {
+        let eds = &config["cluster"]["eds_cluster_config"]["eds_config"];
+        assert!(eds.get("ads").is_some(), "members not over ADS: {eds}");
+    }
+    let mut expected: Vec<String> = echo
+        .iter()
+        .map(|backend| format!("127.0.0.1:{}", backend.port))
+        .collect();
+    expected.sort();
+    assert_eq!(members(&stack, "zklb_service_echo").await, Ok(expected));
+    assert_eq!(
+        members(&stack, "zklb_service_orders").await,
+        Ok(vec![format!("127.0.0.1:{}", orders.port)])
+    );
+    // One gRPC stream, delta protocol, and Envoy accepted everything it was sent.
+    assert_eq!(stack.envoy.stat("control_plane.connected_state").await, 1);
+    assert_eq!(stack.control_plane.metric("zklb_xds_streams").await, 1.0);
+    assert_eq!(
+        stack
+            .control_plane
+            .metric(r#"zklb_xds_rejections_total{type="cluster"}"#)
+            .await
+            + stack
+                .control_plane
+                .metric(r#"zklb_xds_rejections_total{type="endpoints"}"#)
+                .await,
+        0.0
+    );
+    assert_eq!(
+        stack
+            .envoy
+            .stat("cluster_manager.cds.update_rejected")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_services_reach_envoy_and_one_change_resends_only_its_members() {
+    const SERVICES: usize = 1_000;
+    let stack = Stack::start().await;
+    let zookeeper = stack.zookeeper.client().await;
+    let instance = |port: usize| {
+        format!(r#"{{"id": "i{port}", "address": "127.0.0.1", "port": {port}}}"#).into_bytes()
+    };
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    // Batches of one transaction each keep every request well below ZooKeeper's 1 MiB limit.
+    for batch in (0..SERVICES).collect::<Vec<_>>().chunks(100) {
+        let mut writer: MultiWriter = zookeeper.new_multi_writer();
+        for &n in batch {
+            let service = format!("{}/bulk-{n:04}", stack.root);
+            writer
+                .add_create(&service, b"", &persistent)
+                .expect("queueing a service");
+            writer
+                .add_create(&format!("{service}/i0"), &instance(20_000 + n), &persistent)
+                .expect("queueing an instance");
+        }
+        writer.commit().await.expect("creating a batch of services");
+    }
+    eventually(
+        Duration::from_secs(90),
+        "Envoy has a cluster for every service",
+        || async {
+            let active = stack.envoy.stat("cluster_manager.active_clusters").await;
+            // The control plane's own static cluster is the one more.
+            if active == SERVICES as u64 + 1 {
+                Ok(())
+            } else {
+                Err(format!("{active} active clusters"))
+            }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "every cluster has its member",
+        || async {
+            let total = stack
+                .envoy
+                .stat_sum(r"^cluster\.zklb_service_bulk-[0-9]+\.membership_total$")
+                .await;
+            if total == SERVICES as u64 {
+                Ok(())
+            } else {
+                Err(format!("{total} members"))
+            }
+        },
+    )
+    .await;
+
+    let sent = |kind: &'static str| {
+        let control_plane = &stack.control_plane;
+        async move {
+            control_plane
+                .metric(&format!(
+                    r#"zklb_xds_resources_sent_total{{type="{kind}"}}"#
+                ))
+                .await
+        }
+    };
+    let (clusters_before, endpoints_before) = (sent("cluster").await, sent("endpoints").await);
+    zookeeper
+        .create(
+            &format!("{}/bulk-0500/i1", stack.root),
+            &instance(30_500),
+            &persistent,
+        )
+        .await
+        .expect("adding an instance");
+    eventually(
+        Duration::from_secs(10),
+        "the new member reaches Envoy",
+        || async {
+            let members = stack
+                .envoy
+                .stat("cluster.zklb_service_bulk-0500.membership_total")
+                .await;
+            if members == 2 {
+                Ok(())
+            } else {
+                Err(format!("{members} members"))
+            }
+        },
+    )
+    .await;
+    let clusters_sent = sent("cluster").await - clusters_before;
+    let endpoints_sent = sent("endpoints").await - endpoints_before;
+    println!("one change among {SERVICES} services sent {clusters_sent} clusters and {endpoints_sent} load assignments");
+    assert_eq!(clusters_sent, 0.0, "an unchanged cluster was sent again");
+    assert_eq!(
+        endpoints_sent, 1.0,
+        "more than the changed service's members were sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_root_keeps_envoy_routing_and_readiness_says_why() {
+    let stack = Stack::start().await;
+    let backend = stack.backend("echo", "e1").await;
+    stack.wait_for_backends("echo", &["e1"]).await;
+
+    // Everything under the root goes in one transaction, so that no intermediate state (an
+    // empty service) is ever read: the control plane sees the root vanish at once.
+    let zookeeper = stack.zookeeper.client().await;
+    let mut writer = zookeeper.new_multi_writer();
+    writer.add_delete(&backend.znode, None).expect("queueing");
+    writer
+        .add_delete(&format!("{}/echo", stack.root), None)
+        .expect("queueing");
+    writer.add_delete(&stack.root, None).expect("queueing");
+    writer.commit().await.expect("deleting the root");
+
+    let readiness = eventually(
+        Duration::from_secs(10),
+        "the control plane is no longer ready",
+        || async {
+            let readiness = stack.control_plane.get("/readyz").await?;
+            if readiness["ready"] == false {
+                Ok(readiness)
+            } else {
+                Err(readiness.to_string())
+            }
+        },
+    )
+    .await;
+    assert!(
+        readiness["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("/services does not exist")),
+        "{readiness}"
+    );
+    let answers = stack.requests("echo", 200, 4).await;
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer.status == 200 && answer.backend() == Some("e1")),
+        "requests failed after the root was deleted: {:?}",
+        answers.iter().find(|answer| answer.status != 200)
+    );
+    assert_eq!(
+        members(&stack, "zklb_service_echo").await,
+        Ok(vec![format!("127.0.0.1:{}", backend.port)])
+    );
+    let list = stack.control_plane.get("/v1/services").await.expect("list");
+    assert_eq!(
+        list["services"]["echo"]["instances"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(list["stale"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_root_at_start_publishes_nothing_until_it_exists() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let control_plane = ControlPlane::launch(&zookeeper, "/absent", dir.path()).await;
+    let readiness = eventually(
+        Duration::from_secs(10),
+        "readiness names the missing root",
+        || async {
+            let readiness = control_plane.get("/readyz").await?;
+            let names_root = readiness["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("/absent does not exist"));
+            if names_root {
+                Ok(readiness)
+            } else {
+                Err(readiness.to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(readiness["ready"], false);
+    let list = control_plane.get("/v1/services").await.expect("list");
+    assert_eq!(
+        list["error"],
+        "the control plane has not read ZooKeeper yet"
+    );
+
+    let client = zookeeper.client().await;
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    client
+        .create("/absent", b"", &persistent)
+        .await
+        .expect("creating the root");
+    client
+        .create("/absent/echo", b"", &persistent)
+        .await
+        .expect("creating a service");
+    control_plane.wait_until_serving().await;
+    let list: Value = control_plane.get("/v1/services").await.expect("list");
+    assert!(list["services"]["echo"].is_object(), "{list}");
+    assert_eq!(list["stale"], false);
+}
