@@ -73,7 +73,13 @@ impl IntoResponse for ApiError {
 pub struct PollQuery {
     after: Option<Version>,
     wait: Option<u64>,
+    /// The Envoy node whose filter asks: the answer waits (briefly) until that Envoy has taken
+    /// the clusters and members of the list, so the filter never routes ahead of it.
+    node: Option<String>,
 }
+
+/// Longest wait for an Envoy to acknowledge a list before its filter gets the list anyway.
+const ACK_WAIT: Duration = Duration::from_secs(2);
 
 impl AppState {
     /// The current snapshot once it reflects ZooKeeper and `ready` holds for it, or `None` if
@@ -130,11 +136,24 @@ async fn list_services(
         };
         with_freshness(&freshness, Json(list).into_response())
     };
+    let acknowledged = |snapshot: Arc<Snapshot>| async {
+        if let Some(node) = &query.node {
+            let version = snapshot.services.version;
+            state.xds.acks.wait_for(node, version, ACK_WAIT).await;
+        }
+        snapshot
+    };
     let Some(after) = query.after else {
-        return Ok(list(&*state.synced_snapshot()?));
+        let snapshot = acknowledged(state.synced_snapshot()?).await;
+        return Ok(list(&snapshot));
     };
     let wait = Duration::from_secs(query.wait.unwrap_or(state.max_hold.as_secs()));
-    let newer = state.snapshot_when(wait, |snapshot| snapshot.services.version > after);
+    let newer = async {
+        let snapshot = state
+            .snapshot_when(wait, |snapshot| snapshot.services.version > after)
+            .await?;
+        Some(acknowledged(snapshot).await)
+    };
     Ok(respond_or_not_modified(newer, list).await)
 }
 
@@ -464,6 +483,46 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let (status, _) = get(&app, "/v1/services?after=0&wait=5").await;
         assert_eq!(status, StatusCode::NOT_MODIFIED);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_filter_gets_a_list_once_its_envoy_has_taken_it() {
+        let (publishers, channels) = channels();
+        let (_stop, stopping) = watch::channel(false);
+        let xds = Arc::new(XdsStats::default());
+        let app = router(AppState {
+            channels,
+            xds: Arc::clone(&xds),
+            max_hold: Duration::from_secs(30),
+            max_stale: Duration::from_secs(60),
+            stopping,
+        });
+        publishers.snapshots.send_replace(snapshot(5, &[8001]));
+        xds.acks.record("envoy-1", 0, 5);
+        publishers
+            .snapshots
+            .send_replace(snapshot(7, &[8001, 8002]));
+        let poll = tokio::spawn({
+            let app = app.clone();
+            async move { get(&app, "/v1/services?after=5&wait=20&node=envoy-1").await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!poll.is_finished(), "answered before Envoy took version 7");
+        xds.acks.record("envoy-1", 0, 7);
+        let (status, body) = poll.await.expect("poll task");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["version"], 7);
+
+        // An Envoy that streams from another replica is not waited for.
+        let (status, _) = get(&app, "/v1/services?after=5&wait=20&node=elsewhere").await;
+        assert_eq!(status, StatusCode::OK);
+        // Nor is one that does not acknowledge in time.
+        xds.acks.record("stuck", 1, 3);
+        let (status, body) = get(&app, "/v1/services?after=5&wait=20&node=stuck").await;
+        assert_eq!(
+            (status, body["version"].as_i64()),
+            (StatusCode::OK, Some(7))
+        );
     }
 
     #[tokio::test(start_paused = true)]

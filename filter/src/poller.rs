@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use proxy_wasm::hostcalls;
-use zklb_wire::ServiceSet;
+use zklb_wire::{ServiceSet, Version};
 
 use crate::config::PollerConfig;
 use crate::{SERVICES_KEY, SERVICES_VERSION_KEY};
@@ -16,10 +16,14 @@ const POLL_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 pub struct Poller {
     config: PollerConfig,
     /// The version last published, sent back so the control plane holds the poll until a change.
-    published: Option<zklb_wire::Version>,
+    published: Option<Version>,
     in_flight: bool,
     /// After a failed poll, no new one starts before this instant.
     next_attempt: Option<SystemTime>,
+    /// This Envoy's node id, sent with every poll: the control plane answers once this Envoy
+    /// has the clusters and members of the list, so requests never reach a cluster that Envoy
+    /// does not have yet.
+    node: Option<String>,
 }
 
 impl Poller {
@@ -33,6 +37,7 @@ impl Poller {
             published: None,
             in_flight: false,
             next_attempt: None,
+            node: node_id(),
         };
         poller.poll();
         poller
@@ -46,13 +51,7 @@ impl Poller {
     }
 
     fn poll(&mut self) {
-        let path = match self.published {
-            Some(version) => format!(
-                "/v1/services?after={version}&wait={}",
-                self.config.wait.as_secs()
-            ),
-            None => "/v1/services".to_string(),
-        };
+        let path = poll_path(self.published, self.config.wait, self.node.as_deref());
         let headers = vec![
             (":method", "GET"),
             (":path", path.as_str()),
@@ -153,6 +152,42 @@ impl Poller {
     }
 }
 
+/// This Envoy's node id (Envoy's `xds.node` attribute).
+fn node_id() -> Option<String> {
+    let id = hostcalls::get_property(vec!["xds", "node", "id"])
+        .ok()
+        .flatten()?;
+    String::from_utf8(id).ok().filter(|id| !id.is_empty())
+}
+
+/// The list request: the whole list at first, then a long-poll for the next version.
+fn poll_path(published: Option<Version>, wait: Duration, node: Option<&str>) -> String {
+    let mut path = match published {
+        Some(version) => format!("/v1/services?after={version}&wait={}", wait.as_secs()),
+        None => "/v1/services".to_string(),
+    };
+    if let Some(node) = node {
+        path.push(if published.is_some() { '&' } else { '?' });
+        path.push_str("node=");
+        path.push_str(&percent_encode(node));
+    }
+    path
+}
+
+/// Encodes every byte of a query value but the unreserved ones (RFC 3986).
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                char::from(byte).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
+}
+
 fn tick_period(config: &PollerConfig) -> Duration {
     config.retry_interval.min(Duration::from_secs(1))
 }
@@ -160,4 +195,23 @@ fn tick_period(config: &PollerConfig) -> Duration {
 /// The host's clock: proxy-wasm offers it to every plugin, whatever the runtime's WASI support.
 fn now() -> SystemTime {
     hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_name_the_version_held_and_the_node() {
+        let wait = Duration::from_secs(30);
+        assert_eq!(poll_path(None, wait, None), "/v1/services");
+        assert_eq!(
+            poll_path(None, wait, Some("envoy-1")),
+            "/v1/services?node=envoy-1"
+        );
+        assert_eq!(
+            poll_path(Some(42), wait, Some("pod a/b&c")),
+            "/v1/services?after=42&wait=30&node=pod%20a%2Fb%26c"
+        );
+    }
 }

@@ -305,3 +305,115 @@ async fn a_missing_root_at_start_publishes_nothing_until_it_exists() {
     assert!(list["services"]["echo"].is_object(), "{list}");
     assert_eq!(list["stale"], false);
 }
+
+/// What a client may see for a service that is being created: the filter's own JSON answers
+/// while it does not know the service or its instances yet, then the backend. Anything else
+/// (Envoy's plain 503 for a cluster it does not have yet, or for a cluster without members) is
+/// a request that failed because the filter got ahead of Envoy.
+fn documented(answer: &zklb_tests::stack::Answer) -> bool {
+    let error = answer.body["error"].as_str().unwrap_or_default();
+    match answer.status {
+        200 => answer.backend().is_some(),
+        404 => error.starts_with("no service named"),
+        503 => error.ends_with("has no available instances"),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_new_services_under_load_costs_no_failed_request() {
+    const SERVICES: usize = 50;
+    const CLIENTS: usize = 8;
+    let stack = Stack::start().await;
+    let backend = stack.backend("steady", "s1").await;
+    stack.wait_for_backends("steady", &["s1"]).await;
+    let names: Vec<String> = (0..SERVICES).map(|n| format!("burst-{n:02}")).collect();
+
+    // Clients ask for every new service in turn from before it exists until each has been
+    // served, bounded in time and count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..CLIENTS {
+        let http = stack.http.clone();
+        let url = format!("http://127.0.0.1:{}/hello", stack.envoy.listen_port);
+        let names = names.clone();
+        clients.spawn(async move {
+            let mut served = std::collections::BTreeSet::new();
+            let mut answers = Vec::new();
+            for next in client..client + 200_000 {
+                if served.len() == names.len() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                let name = &names[next % names.len()];
+                let answer = match http.get(&url).header("host", name).send().await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let text = response.text().await.unwrap_or_default();
+                        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                        zklb_tests::stack::Answer { status, body }
+                    }
+                    Err(error) => zklb_tests::stack::Answer {
+                        status: 0,
+                        body: Value::String(error.to_string()),
+                    },
+                };
+                if answer.status == 200 {
+                    served.insert(name.clone());
+                }
+                answers.push(answer);
+            }
+            (served.len(), answers)
+        });
+    }
+
+    let zookeeper = stack.zookeeper.client().await;
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    let instance = format!(
+        r#"{{"id": "i", "address": "127.0.0.1", "port": {}}}"#,
+        backend.port
+    );
+    for name in &names {
+        let service = format!("{}/{name}", stack.root);
+        let mut writer = zookeeper.new_multi_writer();
+        writer
+            .add_create(&service, b"", &persistent)
+            .expect("queueing");
+        writer
+            .add_create(&format!("{service}/i"), instance.as_bytes(), &persistent)
+            .expect("queueing");
+        writer.commit().await.expect("creating a service");
+    }
+
+    let mut answers = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        let (served, client_answers) = done.expect("client task");
+        assert_eq!(
+            served, SERVICES,
+            "a client did not get every new service served"
+        );
+        answers.extend(client_answers);
+    }
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|answer| !documented(answer))
+        .collect();
+    let count = |status| {
+        answers
+            .iter()
+            .filter(|answer| answer.status == status)
+            .count()
+    };
+    println!(
+        "{} requests during the burst: {} served, {} 404 before the service was known, {} 503 before it had instances, {} failed",
+        answers.len(),
+        count(200),
+        count(404),
+        count(503),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "failed requests: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -117,6 +117,29 @@ impl DeltaStream {
         types
     }
 
+    /// Whether the Envoy holds everything it was sent and asked for: no response awaits its
+    /// verdict, and every cluster it has was followed by a subscription to its members (which
+    /// Envoy asks for only after it took the cluster). Then what the last [`DeltaStream::respond`]
+    /// calls had to send has reached it.
+    pub fn is_settled(&self) -> bool {
+        let awaiting = self
+            .subscriptions
+            .values()
+            .any(|subscription| !subscription.in_flight.is_empty());
+        let members_asked_for = match (
+            self.subscriptions.get(CLUSTER_TYPE),
+            self.subscriptions.get(ENDPOINTS_TYPE),
+        ) {
+            (Some(clusters), Some(endpoints)) => clusters
+                .known
+                .keys()
+                .all(|cluster| endpoints.known.contains_key(cluster)),
+            (Some(clusters), None) => clusters.known.is_empty(),
+            (None, _) => true,
+        };
+        !awaiting && members_asked_for
+    }
+
     /// The response that brings the Envoy's `type_url` resources up to `resources`, or `None`
     /// when it has them all (or the resources lag what the Envoy has seen).
     pub fn respond(
@@ -370,6 +393,28 @@ mod tests {
             .expect("an empty answer");
         assert!(response.resources.is_empty() && response.removed_resources.is_empty());
         assert_eq!(stream.respond(CLUSTER_TYPE, &empty), None);
+    }
+
+    #[test]
+    fn a_stream_is_settled_once_envoy_acknowledged_a_new_cluster_and_its_members() {
+        let mut stream = DeltaStream::default();
+        stream.receive(&subscribe(CLUSTER_TYPE, &[]));
+        let current = resources(&[("a", 3, &[8001])]);
+        let clusters = stream.respond(CLUSTER_TYPE, &current).expect("a's cluster");
+        assert!(!stream.is_settled(), "the cluster is not acknowledged");
+        stream.receive(&answer(CLUSTER_TYPE, &clusters.nonce, None));
+        assert_eq!(stream.respond(ENDPOINTS_TYPE, &current), None);
+        assert!(
+            !stream.is_settled(),
+            "Envoy has not asked for a's members yet"
+        );
+        stream.receive(&subscribe(ENDPOINTS_TYPE, &["zklb_service_a"]));
+        let members = stream
+            .respond(ENDPOINTS_TYPE, &current)
+            .expect("a's members");
+        assert!(!stream.is_settled(), "the members are not acknowledged");
+        stream.receive(&answer(ENDPOINTS_TYPE, &members.nonce, None));
+        assert!(stream.is_settled());
     }
 
     #[test]

@@ -12,10 +12,13 @@ pub mod resources;
 pub mod server;
 pub mod settings;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use zklb_wire::Version;
 
 use crate::snapshot::Snapshot;
 use resources::{XdsResources, CLUSTER_TYPE, ENDPOINTS_TYPE};
@@ -40,9 +43,73 @@ pub async fn follow_snapshots(
     }
 }
 
+/// The registry version each Envoy has taken in full (acknowledged every cluster and member of
+/// it) on each of its streams to this replica, by node id. The filter's list waits for it, so
+/// that the filter never names a service or instance that its Envoy does not have yet.
+#[derive(Debug)]
+pub struct AckBook {
+    by_node: watch::Sender<BTreeMap<String, BTreeMap<u64, Version>>>,
+    next_stream: AtomicU64,
+}
+
+impl Default for AckBook {
+    fn default() -> AckBook {
+        AckBook {
+            by_node: watch::Sender::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(0),
+        }
+    }
+}
+
+impl AckBook {
+    /// A number for a new stream, unique in this process.
+    pub fn new_stream(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn record(&self, node: &str, stream: u64, version: Version) {
+        self.by_node.send_if_modified(|nodes| {
+            let streams = nodes.entry(node.to_string()).or_default();
+            streams.insert(stream, version) != Some(version)
+        });
+    }
+
+    pub fn forget(&self, node: &str, stream: u64) {
+        self.by_node.send_modify(|nodes| {
+            if let Some(streams) = nodes.get_mut(node) {
+                streams.remove(&stream);
+                if streams.is_empty() {
+                    nodes.remove(node);
+                }
+            }
+        });
+    }
+
+    /// Waits until every stream of `node` on this replica has taken `version`, for at most
+    /// `within`. A node with no stream here (its Envoy streams from another replica) is not
+    /// waited for; nor is one that does not acknowledge in time, so that a stuck Envoy cannot
+    /// stop its filter's updates.
+    pub async fn wait_for(&self, node: &str, version: Version, within: Duration) {
+        let mut nodes = self.by_node.subscribe();
+        let taken = nodes.wait_for(|nodes| {
+            nodes
+                .get(node)
+                .is_none_or(|streams| streams.values().all(|&acked| acked >= version))
+        });
+        if tokio::time::timeout(within, taken).await.is_err() {
+            tracing::debug!(
+                node,
+                version,
+                "Envoy has not acknowledged this version; answering its filter anyway"
+            );
+        }
+    }
+}
+
 /// Counters of the ADS side, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct XdsStats {
+    pub acks: AckBook,
     pub streams: AtomicU64,
     pub clusters: TypeStats,
     pub endpoints: TypeStats,

@@ -82,10 +82,11 @@ async fn serve_stream(
         mut stopping,
     } = service;
     let _open = stats.open_stream();
+    let stream_id = stats.acks.new_stream();
     let mut stream = DeltaStream::default();
     let mut node = String::new();
     tracing::info!(peer, "ADS stream opened");
-    loop {
+    'stream: loop {
         tokio::select! {
             request = requests.message() => match request {
                 Ok(Some(request)) => {
@@ -110,10 +111,12 @@ async fn serve_stream(
             _ = stopping.wait_for(|stopping| *stopping) => break,
         }
         let current = Arc::clone(&resources.borrow_and_update());
+        let mut sent = false;
         for type_url in stream.subscribed_types() {
             let Some(response) = stream.respond(&type_url, &current) else {
                 continue;
             };
+            sent = true;
             stats.count_response(&type_url, response.resources.len());
             tracing::debug!(
                 node,
@@ -124,9 +127,15 @@ async fn serve_stream(
                 "ADS response"
             );
             if responses.send(Ok(response)).await.is_err() {
-                break;
+                break 'stream;
             }
         }
+        if !sent && current.synced && stream.is_settled() {
+            stats
+                .acks
+                .record(&node, stream_id, current.registry_version);
+        }
     }
+    stats.acks.forget(&node, stream_id);
     tracing::info!(node, peer, "ADS stream closed");
 }
