@@ -4,6 +4,7 @@
 
 pub mod eventually;
 pub mod process;
+pub mod proxy;
 pub mod registrars;
 pub mod stack;
 pub mod stats;

@@ -184,12 +184,17 @@ impl ControlPlane {
 
     /// A control plane that answers HTTP, whether or not it could read the registry.
     pub async fn launch(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
+        Self::launch_at(free_port(), &zookeeper.connect, root, dir).await
+    }
+
+    /// A control plane on `port` that reaches ZooKeeper at `connect` (a relay, say), and
+    /// answers HTTP whether or not it could read the registry.
+    pub async fn launch_at(port: u16, connect: &str, root: &str, dir: &Path) -> ControlPlane {
         std::fs::create_dir_all(dir).expect("creating the log directory");
-        let port = free_port();
         let control_plane = ControlPlane {
             port,
             url: format!("http://127.0.0.1:{port}"),
-            process: Self::spawn(port, zookeeper, root, dir),
+            process: Self::spawn(port, connect, root, dir),
         };
         control_plane.wait_until_answering().await;
         control_plane
@@ -202,11 +207,11 @@ impl ControlPlane {
         .await;
     }
 
-    fn spawn(port: u16, zookeeper: &ZooKeeper, root: &str, dir: &Path) -> Child {
+    fn spawn(port: u16, connect: &str, root: &str, dir: &Path) -> Child {
         let mut command = Command::new(binary("zklb-control-plane"));
         command
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--zookeeper", &zookeeper.connect])
+            .args(["--zookeeper", connect])
             .args(["--root", root])
             .args([
                 "--session-timeout-ms",
@@ -253,7 +258,7 @@ impl ControlPlane {
     /// Starts a new control plane process on the same port, as a supervisor would, and waits
     /// until it answers HTTP (whether or not it could read ZooKeeper yet).
     pub async fn restart(&mut self, zookeeper: &ZooKeeper, root: &str, dir: &Path) {
-        self.process = Self::spawn(self.port, zookeeper, root, dir);
+        self.process = Self::spawn(self.port, &zookeeper.connect, root, dir);
         self.wait_until_answering().await;
     }
 
@@ -318,12 +323,50 @@ impl Envoy {
     pub async fn start(control_plane: &ControlPlane, dir: &Path) -> Envoy {
         let listen_port = free_port();
         let admin_port = free_port();
+        let config = render_envoy_config(listen_port, admin_port, control_plane.port);
+        Self::start_with_config(config, listen_port, admin_port, dir).await
+    }
+
+    /// Envoy with the filter whose control-plane cluster has a member for each of `ports` (the
+    /// ADS stream goes to one of them, the filter's polls to each in turn). The filter's polls
+    /// are held `poll_wait_seconds` at most, so that a replica that has nothing newer to say
+    /// does not keep the filter from another one for long.
+    pub async fn start_with_replicas(ports: &[u16], poll_wait_seconds: u64, dir: &Path) -> Envoy {
+        let listen_port = free_port();
+        let admin_port = free_port();
+        let first = render_envoy_config(listen_port, admin_port, ports[0]);
+        let member = |port: u16| {
+            format!(
+                "              - endpoint:\n                  address:\n                    socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+            )
+        };
+        let at = first
+            .find(&member(ports[0]))
+            .expect("the template has one control-plane member");
+        let mut config = first.clone();
+        for &port in ports[1..].iter().rev() {
+            config.insert_str(at + member(ports[0]).len(), &member(port));
+        }
+        let poller = r#""control_plane_cluster": "zklb_control_plane""#;
+        assert!(
+            config.contains(poller),
+            "the template configures the poller"
+        );
+        let config = config.replace(
+            poller,
+            &format!(r#"{poller}, "wait_seconds": {poll_wait_seconds}"#),
+        );
+        Self::start_with_config(config, listen_port, admin_port, dir).await
+    }
+
+    async fn start_with_config(
+        config: String,
+        listen_port: u16,
+        admin_port: u16,
+        dir: &Path,
+    ) -> Envoy {
         let config_path = dir.join("envoy.yaml");
-        std::fs::write(
-            &config_path,
-            render_envoy_config(listen_port, admin_port, control_plane.port),
-        )
-        .expect("writing envoy.yaml");
+        std::fs::write(&config_path, config).expect("writing envoy.yaml");
         let mut command = Command::new(envoy_binary());
         command.arg("-c").arg(&config_path).args([
             "--concurrency",
@@ -520,13 +563,24 @@ impl Stack {
         let zookeeper = ZooKeeper::start(dir.path()).await;
         let control_plane = ControlPlane::start(&zookeeper, &root, dir.path()).await;
         let envoy = Envoy::start(&control_plane, dir.path()).await;
+        Stack::around(zookeeper, control_plane, envoy, &root, dir).await
+    }
+
+    /// A stack of parts started elsewhere, once the filter has loaded the service list.
+    pub async fn around(
+        zookeeper: ZooKeeper,
+        control_plane: ControlPlane,
+        envoy: Envoy,
+        root: &str,
+        dir: TempDir,
+    ) -> Stack {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(64)
             .build()
             .expect("building an HTTP client");
         let stack = Stack {
-            root,
+            root: root.to_string(),
             envoy,
             control_plane,
             zookeeper,

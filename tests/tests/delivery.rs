@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use zklb_tests::{eventually, ControlPlane, Stack, ZooKeeper};
+use zklb_tests::proxy::Relay;
+use zklb_tests::{eventually, ControlPlane, Envoy, Stack, ZooKeeper};
 use zookeeper_client::{Acls, CreateMode, MultiWriter};
 
 /// The names of Envoy's dynamic clusters, from its config dump.
@@ -416,4 +417,128 @@ async fn a_burst_of_new_services_under_load_costs_no_failed_request() {
         "failed requests: {:?}",
         &failed[..failed.len().min(5)]
     );
+}
+
+/// Every registry version the filter's poller published, in order, from Envoy's log.
+fn published_versions(envoy: &Envoy) -> Vec<i64> {
+    envoy
+        .log()
+        .lines()
+        .filter_map(|line| line.split("published version ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_from_zookeeper_never_takes_envoy_or_the_filter_back() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let root = "/services";
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let fresh = ControlPlane::start(&zookeeper, root, &dir.path().join("fresh")).await;
+    let zookeeper_address = zookeeper.connect.parse().expect("a socket address");
+    let relay = Relay::start(zookeeper_address).await;
+
+    // Envoy streams from the fresh replica first: the other is not running yet.
+    let lagging_port = zklb_tests::stack::free_port();
+    let envoy = Envoy::start_with_replicas(&[fresh.port, lagging_port], 2, dir.path()).await;
+    eventually(
+        Duration::from_secs(30),
+        "Envoy streams from the fresh replica",
+        || async {
+            let streams = fresh.metric("zklb_xds_streams").await;
+            if streams == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{streams} streams"))
+            }
+        },
+    )
+    .await;
+    let lagging = ControlPlane::launch_at(
+        lagging_port,
+        &relay.address.to_string(),
+        root,
+        &dir.path().join("lagging"),
+    )
+    .await;
+    lagging.wait_until_serving().await;
+
+    let mut stack = Stack::around(zookeeper, fresh, envoy, root, dir).await;
+    let _b1 = stack.backend("echo", "b1").await;
+    stack.wait_for_backends("echo", &["b1"]).await;
+
+    relay.cut();
+    lagging
+        .wait_for_status("stale", Duration::from_secs(20))
+        .await;
+    let _b2 = stack.backend("echo", "b2").await;
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let held = members(&stack, "zklb_service_echo")
+        .await
+        .expect("Envoy holds echo's members");
+    assert_eq!(held.len(), 2);
+    let filter_versions = published_versions(&stack.envoy);
+    let newest = *filter_versions.last().expect("the filter published lists");
+    let lagging_version = lagging.get("/v1/services").await.expect("list")["version"].clone();
+    assert!(
+        lagging_version
+            .as_i64()
+            .is_some_and(|version| version < newest),
+        "the cut-off replica is not behind: {lagging_version} vs {newest}"
+    );
+
+    // The fresh replica goes away: Envoy's stream and the filter's polls can only reach the
+    // replica that has not seen b2.
+    stack.control_plane.stop();
+    eventually(
+        Duration::from_secs(30),
+        "Envoy streams from the lagging replica",
+        || async {
+            let streams = lagging.metric("zklb_xds_streams").await;
+            if streams == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{streams} streams"))
+            }
+        },
+    )
+    .await;
+    let answers = stack.requests("echo", 400, 4).await;
+    let counts = Stack::count_by_backend(&answers);
+    assert!(
+        answers.iter().all(|answer| answer.status == 200),
+        "requests failed with the lagging replica alone: {:?}",
+        answers.iter().find(|answer| answer.status != 200)
+    );
+    assert!(
+        counts.get("b2").is_some_and(|&count| count > 50),
+        "b2 lost its traffic, so Envoy went back to an older membership: {counts:?}"
+    );
+    assert_eq!(
+        members(&stack, "zklb_service_echo").await,
+        Ok(held.clone()),
+        "Envoy's membership of echo changed while only the lagging replica answered"
+    );
+    // It held its answers: nothing older than what Envoy had was sent.
+    let sent = lagging
+        .metric(r#"zklb_xds_responses_total{type="cluster"}"#)
+        .await
+        + lagging
+            .metric(r#"zklb_xds_responses_total{type="endpoints"}"#)
+            .await;
+    assert_eq!(sent, 0.0, "the lagging replica answered Envoy");
+    let versions = published_versions(&stack.envoy);
+    assert!(
+        versions.windows(2).all(|pair| pair[0] <= pair[1]),
+        "the filter's list went back: {versions:?}"
+    );
+    println!("Envoy kept echo's members {held:?}; the filter published {versions:?}; the lagging replica had version {lagging_version}");
+
+    // Healed, the lagging replica catches up and updates flow through it again.
+    relay.heal();
+    lagging
+        .wait_for_status("serving", Duration::from_secs(30))
+        .await;
+    let _b3 = stack.backend("echo", "b3").await;
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
 }

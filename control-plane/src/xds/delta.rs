@@ -23,6 +23,10 @@ pub struct DeltaStream {
     /// nothing is sent until the resources reach it, so that a lagging replica never takes an
     /// Envoy back in time.
     floor: Version,
+    /// A reconnecting Envoy reports its clusters first and their members (whose versions carry
+    /// the registry version, and so the floor) right after: clusters are not answered before,
+    /// or a lagging replica could remove a service that it has not seen created.
+    awaiting_member_versions: bool,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +64,16 @@ impl DeltaStream {
     /// earlier response.
     pub fn receive(&mut self, request: &DeltaDiscoveryRequest) -> Verdict {
         let first = !self.subscriptions.contains_key(&request.type_url);
+        if request.type_url == CLUSTER_TYPE
+            && first
+            && !request.initial_resource_versions.is_empty()
+            && !self.subscriptions.contains_key(ENDPOINTS_TYPE)
+        {
+            self.awaiting_member_versions = true;
+        }
+        if request.type_url == ENDPOINTS_TYPE {
+            self.awaiting_member_versions = false;
+        }
         let subscription = self
             .subscriptions
             .entry(request.type_url.clone())
@@ -148,6 +162,9 @@ impl DeltaStream {
         resources: &XdsResources,
     ) -> Option<DeltaDiscoveryResponse> {
         if !resources.synced || resources.registry_version < self.floor {
+            return None;
+        }
+        if type_url == CLUSTER_TYPE && self.awaiting_member_versions {
             return None;
         }
         let available = resources.of_type(type_url)?;
@@ -361,6 +378,42 @@ mod tests {
         let caught_up = resources(&[("a", 41, &[8001, 8002])]);
         assert!(stream.respond(CLUSTER_TYPE, &caught_up).is_some());
         assert!(stream.respond(ENDPOINTS_TYPE, &caught_up).is_some());
+    }
+
+    #[test]
+    fn a_reconnecting_envoys_clusters_wait_for_its_member_versions() {
+        let lagging = resources(&[("a", 30, &[8001])]);
+        let mut stream = DeltaStream::default();
+        // Envoy has b, created after everything this replica has read.
+        stream.receive(&DeltaDiscoveryRequest {
+            type_url: CLUSTER_TYPE.into(),
+            initial_resource_versions: HashMap::from([
+                (
+                    "zklb_service_a".to_string(),
+                    lagging.clusters["zklb_service_a"].version.clone(),
+                ),
+                ("zklb_service_b".to_string(), "0123".to_string()),
+            ]),
+            ..DeltaDiscoveryRequest::default()
+        });
+        assert_eq!(
+            stream.respond(CLUSTER_TYPE, &lagging),
+            None,
+            "b would be removed before the floor is known"
+        );
+        stream.receive(&DeltaDiscoveryRequest {
+            type_url: ENDPOINTS_TYPE.into(),
+            resource_names_subscribe: vec!["zklb_service_a".into(), "zklb_service_b".into()],
+            initial_resource_versions: HashMap::from([(
+                "zklb_service_b".to_string(),
+                "35-0".to_string(),
+            )]),
+            ..DeltaDiscoveryRequest::default()
+        });
+        assert_eq!(stream.respond(CLUSTER_TYPE, &lagging), None);
+        let caught_up = resources(&[("a", 30, &[8001]), ("b", 35, &[8002])]);
+        let response = stream.respond(CLUSTER_TYPE, &caught_up).expect("caught up");
+        assert!(response.removed_resources.is_empty());
     }
 
     #[test]
