@@ -1,0 +1,302 @@
+//! `BENCHMARKS.md`: a fixed introduction, kept as it is in the file, and a results section that
+//! every run rewrites.
+
+use std::fmt::Write as _;
+
+use crate::data_plane::{self, Round, Variant};
+use crate::machine::Machine;
+use crate::propagation;
+use crate::stats::{median, percentile};
+
+/// Everything after this line is the results section.
+pub const MARKER: &str = "<!-- bench/run rewrites everything below this line. -->";
+
+/// The introduction written when the file has none.
+pub const INTRO: &str = include_str!("intro.md");
+
+/// One run's figures and where they came from.
+pub struct Run<'a> {
+    pub command: String,
+    pub quick: bool,
+    pub machine: &'a Machine,
+    pub load_after: String,
+    pub minutes: f64,
+    /// Circumstances worth knowing, e.g. other work running on the machine.
+    pub note: Option<&'a str>,
+    pub data_plane: Option<(&'a data_plane::Settings, &'a [Round])>,
+    pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
+}
+
+/// The new file: `existing`'s text up to and including [`MARKER`] (or [`INTRO`] and the marker
+/// when it has none), then `results`.
+pub fn splice(existing: Option<&str>, results: &str) -> String {
+    let intro = existing
+        .and_then(|text| text.find(MARKER).map(|at| &text[..at]))
+        .unwrap_or(INTRO);
+    format!(
+        "{}\n\n{MARKER}\n\n{}",
+        intro.trim_end(),
+        results.trim_start()
+    )
+}
+
+pub fn results(run: &Run) -> String {
+    let mut out = String::new();
+    let machine = run.machine;
+    let _ = writeln!(out, "## Results\n");
+    let mode = if run.quick {
+        "the **quick mode** (short, few rounds: indicative only)"
+    } else {
+        "the full mode"
+    };
+    let _ = writeln!(
+        out,
+        "Measured with `{}`, {mode}, on {}, in {:.1} minutes.\n",
+        run.command, machine.date, run.minutes
+    );
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| machine | {} CPUs, {}, {} |",
+        machine.cpus, machine.cpu_model, machine.kernel
+    );
+    let _ = writeln!(
+        out,
+        "| load average (1, 5, 15 min) | {} at the start, {} at the end (the run's own build and processes included) |",
+        machine.load_before, run.load_after,
+    );
+    if let Some(note) = run.note {
+        let _ = writeln!(out, "| note | {note} |");
+    }
+    let _ = writeln!(out, "| Envoy | {} |", machine.envoy);
+    let _ = writeln!(out, "| zklb | `{}` |", machine.zklb_rev);
+    let _ = writeln!(
+        out,
+        "| backends, load | {}, {} |\n",
+        machine.nginx, machine.wrk
+    );
+    if let Some((settings, rounds)) = run.data_plane {
+        data_plane_section(&mut out, settings, rounds);
+    }
+    if let Some((settings, results)) = run.propagation {
+        propagation_section(&mut out, settings, results);
+    }
+    out
+}
+
+/// Medians of each variant, in [`Variant::ALL`] order.
+struct Medians {
+    variant: Variant,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    cpu: f64,
+    failures: u64,
+}
+
+fn medians(rounds: &[Round]) -> Vec<Medians> {
+    Variant::ALL
+        .iter()
+        .filter_map(|&variant| {
+            let mine: Vec<&Round> = rounds
+                .iter()
+                .filter(|round| round.variant == variant)
+                .collect();
+            let of = |field: fn(&Round) -> f64| {
+                median(&mine.iter().map(|round| field(round)).collect::<Vec<_>>())
+            };
+            Some(Medians {
+                variant,
+                rps: of(|round| round.wrk.requests_per_second)?,
+                p50: of(|round| round.wrk.p50_ms)?,
+                p99: of(|round| round.wrk.p99_ms)?,
+                cpu: of(|round| round.cpu_us_per_request)?,
+                failures: mine
+                    .iter()
+                    .map(|round| round.wrk.non_2xx + round.wrk.socket_errors)
+                    .sum(),
+            })
+        })
+        .collect()
+}
+
+fn data_plane_section(out: &mut String, settings: &data_plane::Settings, rounds: &[Round]) {
+    let _ = writeln!(out, "### Data plane\n");
+    let _ = writeln!(
+        out,
+        "`wrk -t1 -c{} -d{}s --latency -H 'Host: echo'`, {} interleaved rounds after a {} s warm-up, Envoy `--concurrency 1`, {} nginx backends. Medians over rounds; × is the ratio to `native_random`'s median.\n",
+        settings.connections,
+        settings.round.as_secs(),
+        settings.rounds,
+        settings.warm_up.as_secs(),
+        settings.backends,
+    );
+    let medians = medians(rounds);
+    let Some(baseline) = medians.iter().find(|m| m.variant == Variant::NativeRandom) else {
+        return;
+    };
+    let ratio = |value: f64, base: f64| {
+        if base > 0.0 {
+            format!("{:.2}×", value / base)
+        } else {
+            "–".into()
+        }
+    };
+    let _ = writeln!(out, "| variant | requests/s | × | p50 ms | × | p99 ms | × | Envoy CPU µs/request | × | failed requests |");
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for m in &medians {
+        let _ = writeln!(
+            out,
+            "| `{}` | {:.0} | {} | {:.2} | {} | {:.2} | {} | {:.1} | {} | {} |",
+            m.variant.name(),
+            m.rps,
+            ratio(m.rps, baseline.rps),
+            m.p50,
+            ratio(m.p50, baseline.p50),
+            m.p99,
+            ratio(m.p99, baseline.p99),
+            m.cpu,
+            ratio(m.cpu, baseline.cpu),
+            m.failures,
+        );
+    }
+    let _ = writeln!(out, "\nEvery round:\n");
+    let _ = writeln!(out, "| round | variant | requests | requests/s | p50 ms | p99 ms | Envoy CPU µs/request | non-2xx | socket errors |");
+    let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|--:|--:|");
+    for round in rounds {
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            round.round,
+            round.variant.name(),
+            round.wrk.requests,
+            round.wrk.requests_per_second,
+            round.wrk.p50_ms,
+            round.wrk.p99_ms,
+            round.cpu_us_per_request,
+            round.wrk.non_2xx,
+            round.wrk.socket_errors,
+        );
+    }
+    let _ = writeln!(out);
+}
+
+fn propagation_section(
+    out: &mut String,
+    settings: &propagation::Settings,
+    results: &propagation::Results,
+) {
+    let _ = writeln!(out, "### Propagation\n");
+    let _ = write!(
+        out,
+        "Envoy `--concurrency {}`, {} clients in a tight loop",
+        settings.envoy_workers, settings.clients
+    );
+    if let Some(traffic) = &results.traffic {
+        let others: Vec<String> = traffic
+            .others
+            .iter()
+            .map(|(status, count)| match status {
+                0 => format!("{count} without an answer"),
+                _ => format!("{count} × {status}"),
+            })
+            .collect();
+        let _ = write!(
+            out,
+            " ({:.0} answers/s, so one of n registered backends answers about every {:.1}·n ms; {})",
+            traffic.answers_per_second(),
+            1000.0 / traffic.answers_per_second().max(1e-9),
+            if others.is_empty() { "every answer 200".to_string() } else { others.join(", ") },
+        );
+    }
+    let _ = writeln!(
+        out,
+        ". Back-to-back changes {} ms apart, at most {} changing instances registered at once. Milliseconds; nearest-rank percentiles.\n",
+        settings.spacing.as_millis(),
+        settings.live
+    );
+    let kinds: [(&str, &str, &[Option<f64>]); 5] = [
+        (
+            "isolated registration",
+            "create → first answer from it",
+            &results.isolated_create,
+        ),
+        (
+            "isolated deregistration",
+            "delete → last answer from it",
+            &results.isolated_delete,
+        ),
+        (
+            "back-to-back registration",
+            "create → first answer from it",
+            &results.back_to_back_create,
+        ),
+        (
+            "back-to-back deregistration",
+            "delete → last answer from it",
+            &results.back_to_back_delete,
+        ),
+        (
+            "new service",
+            "first instance's create → first 200",
+            &results.new_service,
+        ),
+    ];
+    let _ = writeln!(
+        out,
+        "| change | measured | changes | reached | p50 ms | p99 ms | max ms |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|");
+    for (kind, what, values) in kinds {
+        let reached: Vec<f64> = values.iter().flatten().copied().collect();
+        let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+        let _ = writeln!(
+            out,
+            "| {kind} | {what} | {} | {} | {} | {} | {} |",
+            values.len(),
+            reached.len(),
+            shown(percentile(&reached, 50.0)),
+            shown(percentile(&reached, 99.0)),
+            shown(percentile(&reached, 100.0)),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nEvery change, in order (ms; `never`: not reached within the time limit):\n"
+    );
+    for (kind, _, values) in kinds {
+        let listed: Vec<String> = values
+            .iter()
+            .map(|value| value.map_or("never".to_string(), |ms| format!("{ms:.1}")))
+            .collect();
+        let _ = writeln!(out, "- {kind}: {}", listed.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splicing_keeps_the_intro_and_replaces_the_results() {
+        let existing = format!("# Benchmarks\n\nMethod.\n\n{MARKER}\n\n## Results\n\nold\n");
+        let spliced = splice(Some(&existing), "## Results\n\nnew\n");
+        assert_eq!(
+            spliced,
+            format!("# Benchmarks\n\nMethod.\n\n{MARKER}\n\n## Results\n\nnew\n")
+        );
+        assert_eq!(
+            splice(Some(&spliced), "## Results\n\nnew\n"),
+            spliced,
+            "stable across runs"
+        );
+    }
+
+    #[test]
+    fn a_file_without_the_marker_gets_the_default_intro() {
+        let spliced = splice(Some("# Something else\n"), "## Results\n");
+        assert!(spliced.starts_with(INTRO.trim_end()));
+        assert!(spliced.ends_with(&format!("{MARKER}\n\n## Results\n")));
+        assert_eq!(splice(None, "## Results\n"), spliced);
+    }
+}
