@@ -62,7 +62,7 @@ pub struct Round {
 /// Starts the three variants, warms each up, and runs `settings.rounds` interleaved rounds.
 pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Round>> {
     let clock_ticks = clock_ticks_per_second()?;
-    let nginx = Nginx::start(dir, "nginx-data-plane", settings.backends).await;
+    let nginx = Nginx::start(dir, "nginx-data-plane", 0..settings.backends).await;
     let endpoints = endpoints_yaml(&nginx.ports);
 
     let native = start_static(

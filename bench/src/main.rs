@@ -1,8 +1,10 @@
-//! zklb's benchmarks: the data-plane cost of zklb against plain Envoy, and how fast registry
-//! changes reach requests, on this machine, written into `BENCHMARKS.md`.
+//! zklb's benchmarks: the data-plane cost of zklb against plain Envoy, how fast registry changes
+//! reach requests, and what a backend crash under load costs, on this machine, written into
+//! `BENCHMARKS.md`.
 //!
 //! - [`data_plane`]: wrk against three Envoy variants in interleaved rounds;
 //! - [`propagation`]: registry changes timed to the first or last answer through Envoy;
+//! - [`failover`]: a backend crashing under load, counted in failed requests and retries;
 //! - [`report`]: the results section of `BENCHMARKS.md`;
 //! - [`nginx`], [`registration`], [`traffic`], [`wrk`], [`startup`]: the backends, the znodes, the
 //!   request loop, the load generator and starting ZooKeeper; [`stats`] and [`machine`] what the figures are reduced to and
@@ -11,6 +13,7 @@
 //! Processes (ZooKeeper, control plane, Envoy) come from the end-to-end harness `zklb-tests`.
 
 mod data_plane;
+mod failover;
 mod machine;
 mod nginx;
 mod propagation;
@@ -49,6 +52,7 @@ struct Args {
 enum Part {
     DataPlane,
     Propagation,
+    Failover,
 }
 
 fn data_plane_settings(quick: bool) -> data_plane::Settings {
@@ -63,11 +67,20 @@ fn data_plane_settings(quick: bool) -> data_plane::Settings {
 
 fn propagation_settings(quick: bool) -> propagation::Settings {
     propagation::Settings {
-        isolated: if quick { 8 } else { 30 },
+        isolated: if quick { 6 } else { 30 },
         back_to_back: if quick { 10 } else { 30 },
         spacing: Duration::from_millis(300),
         live: 6,
         new_services: if quick { 3 } else { 10 },
+        clients: 4,
+        envoy_workers: 2,
+    }
+}
+
+fn failover_settings(quick: bool) -> failover::Settings {
+    failover::Settings {
+        rounds: if quick { 2 } else { 6 },
+        stretch: Duration::from_secs(if quick { 2 } else { 5 }),
         clients: 4,
         envoy_workers: 2,
     }
@@ -93,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
 
     let data_plane_settings = data_plane_settings(args.quick);
     let propagation_settings = propagation_settings(args.quick);
+    let failover_settings = failover_settings(args.quick);
     let wants = |part: Part| args.only.is_none_or(|only| only == part);
     let measured = async {
         let data_plane = match wants(Part::DataPlane) {
@@ -103,10 +117,14 @@ async fn main() -> anyhow::Result<()> {
             true => Some(propagation::measure(dir.path(), &propagation_settings).await?),
             false => None,
         };
-        anyhow::Ok((data_plane, propagation))
+        let failover = match wants(Part::Failover) {
+            true => Some(failover::measure(dir.path(), &failover_settings).await?),
+            false => None,
+        };
+        anyhow::Ok((data_plane, propagation, failover))
     }
     .await;
-    let (data_plane, propagation) = match measured {
+    let (data_plane, propagation, failover) = match measured {
         Ok(measured) => measured,
         Err(error) => {
             eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
@@ -138,6 +156,9 @@ async fn main() -> anyhow::Result<()> {
         propagation: propagation
             .as_ref()
             .map(|results| (&propagation_settings, results)),
+        failover: failover
+            .as_deref()
+            .map(|rounds| (&failover_settings, rounds)),
     };
     let existing = std::fs::read_to_string(&output).ok();
     let text = report::splice(existing.as_deref(), &report::results(&run));

@@ -2,6 +2,7 @@
 //! 127.0.0.1 ports, so the backends cost little and the same in every variant.
 
 use std::net::TcpStream;
+use std::ops::Range;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -10,20 +11,23 @@ use zklb_tests::eventually;
 use zklb_tests::process::Child;
 use zklb_tests::stack::free_port;
 
-/// One nginx process serving `ports`; port `i` answers `200` with the body [`Nginx::label`]`(i)`.
+/// One nginx process serving `ports`; its `i`-th port answers `200` with the body
+/// [`Nginx::label`]`(first_label + i)`.
 pub struct Nginx {
     pub ports: Vec<u16>,
     process: Child,
 }
 
 impl Nginx {
-    /// Starts nginx with one worker on `count` free ports, its files in `dir/<name>`.
-    pub async fn start(dir: &Path, name: &str, count: usize) -> Nginx {
+    /// Starts nginx with one worker on a free port for each of `labels`, its files in
+    /// `dir/<name>`.
+    pub async fn start(dir: &Path, name: &str, labels: Range<usize>) -> Nginx {
         let home = dir.join(name);
         std::fs::create_dir_all(&home).expect("creating nginx's directory");
-        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let ports: Vec<u16> = labels.clone().map(|_| free_port()).collect();
         let config = home.join("nginx.conf");
-        std::fs::write(&config, config_text(&home, &ports)).expect("writing nginx.conf");
+        std::fs::write(&config, config_text(&home, &ports, labels.start))
+            .expect("writing nginx.conf");
         let mut command = Command::new("nginx");
         command
             .arg("-p")
@@ -48,7 +52,12 @@ impl Nginx {
         Nginx { ports, process }
     }
 
-    /// The body that the backend on the `index`-th port answers with.
+    /// Kills nginx at once (SIGKILL), as a crash would: its ports refuse connections.
+    pub fn crash(&mut self) {
+        self.process.kill();
+    }
+
+    /// The body that the backend with this label index answers with.
     pub fn label(index: usize) -> String {
         format!("b{index}")
     }
@@ -61,7 +70,7 @@ impl Drop for Nginx {
     }
 }
 
-fn config_text(home: &Path, ports: &[u16]) -> String {
+fn config_text(home: &Path, ports: &[u16], first_label: usize) -> String {
     let home = home.display();
     let servers: String = ports
         .iter()
@@ -69,7 +78,7 @@ fn config_text(home: &Path, ports: &[u16]) -> String {
         .map(|(index, port)| {
             format!(
                 "    server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"{}\"; }} }}\n",
-                Nginx::label(index)
+                Nginx::label(first_label + index)
             )
         })
         .collect();
@@ -104,9 +113,10 @@ mod tests {
 
     #[test]
     fn every_port_listens_on_loopback_only() {
-        let text = config_text(Path::new("/tmp/x"), &[1001, 1002]);
+        let text = config_text(Path::new("/tmp/x"), &[1001, 1002], 5);
         assert_eq!(text.matches("listen 127.0.0.1:").count(), 2);
         assert_eq!(text.matches("listen").count(), 2);
-        assert!(text.contains("listen 127.0.0.1:1002; location / { return 200 \"b1\"; }"));
+        assert!(text.contains("listen 127.0.0.1:1001; location / { return 200 \"b5\"; }"));
+        assert!(text.contains("listen 127.0.0.1:1002; location / { return 200 \"b6\"; }"));
     }
 }

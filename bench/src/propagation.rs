@@ -84,7 +84,7 @@ pub fn schedule(instances: usize, live: usize) -> Vec<Change> {
 pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Results> {
     let dir = dir.join("propagation");
     std::fs::create_dir_all(&dir)?;
-    let nginx = Nginx::start(&dir, "nginx-propagation", 1 + POOL).await;
+    let nginx = Nginx::start(&dir, "nginx-propagation", 0..1 + POOL).await;
     let zookeeper = startup::zookeeper(&dir).await?;
     let control_plane = ControlPlane::start(&zookeeper, ROOT, &dir).await;
     let registrar = zookeeper.client().await;

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::data_plane::{self, Round, Variant};
+use crate::failover;
 use crate::machine::Machine;
 use crate::propagation;
 use crate::stats::{median, percentile};
@@ -25,6 +26,7 @@ pub struct Run<'a> {
     pub note: Option<&'a str>,
     pub data_plane: Option<(&'a data_plane::Settings, &'a [Round])>,
     pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
+    pub failover: Option<(&'a failover::Settings, &'a [failover::Round])>,
 }
 
 /// The new file: `existing`'s text up to and including [`MARKER`] (or [`INTRO`] and the marker
@@ -80,6 +82,9 @@ pub fn results(run: &Run) -> String {
     }
     if let Some((settings, results)) = run.propagation {
         propagation_section(&mut out, settings, results);
+    }
+    if let Some((settings, rounds)) = run.failover {
+        failover_section(&mut out, settings, rounds);
     }
     out
 }
@@ -273,6 +278,52 @@ fn propagation_section(
     }
 }
 
+fn failover_section(out: &mut String, settings: &failover::Settings, rounds: &[failover::Round]) {
+    let _ = writeln!(out, "\n### Failover under load\n");
+    let _ = writeln!(
+        out,
+        "Envoy `--concurrency {}`, {} clients in a tight loop, three backends. Each round: {} s as is, then one backend killed (SIGKILL) while still registered for {} s, then deregistered for {} s, then replaced. Failed: answers other than 200 and requests without an answer; retries: Envoy's `upstream_rq_retry` for the service's cluster.\n",
+        settings.envoy_workers,
+        settings.clients,
+        settings.stretch.as_secs(),
+        settings.stretch.as_secs(),
+        settings.stretch.as_secs(),
+    );
+    let _ = writeln!(
+        out,
+        "| round | stretch | answers/s | p50 ms | p99 ms | failed | retries |"
+    );
+    let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|");
+    for round in rounds {
+        let stretches = [
+            ("before", &round.before, None),
+            (
+                "crashed, registered",
+                &round.crashed,
+                Some(round.crashed_retries),
+            ),
+            (
+                "deregistered",
+                &round.deregistered,
+                Some(round.deregistered_retries),
+            ),
+        ];
+        for (name, window, retries) in stretches {
+            let _ = writeln!(
+                out,
+                "| {} | {name} | {:.0} | {:.2} | {:.2} | {} of {} | {} |",
+                round.round,
+                window.per_second(),
+                window.p50_ms,
+                window.p99_ms,
+                window.failed,
+                window.ok + window.failed,
+                retries.map_or("–".to_string(), |retries| retries.to_string()),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +341,60 @@ mod tests {
             spliced,
             "stable across runs"
         );
+    }
+
+    fn round(variant: Variant, round: usize, rps: f64, cpu: f64) -> Round {
+        Round {
+            variant,
+            round,
+            cpu_us_per_request: cpu,
+            wrk: crate::wrk::WrkReport {
+                requests: 1000,
+                seconds: 1.0,
+                requests_per_second: rps,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn data_plane_medians_are_given_as_ratios_to_the_baseline() {
+        let rounds = [
+            round(Variant::NativeRandom, 1, 100.0, 40.0),
+            round(Variant::Zklb, 1, 50.0, 60.0),
+            round(Variant::NativeRandom, 2, 300.0, 50.0),
+            round(Variant::Zklb, 2, 90.0, 80.0),
+            round(Variant::NativeRandom, 3, 200.0, 60.0),
+            round(Variant::Zklb, 3, 70.0, 100.0),
+        ];
+        let settings = data_plane::Settings {
+            rounds: 3,
+            round: std::time::Duration::from_secs(1),
+            warm_up: std::time::Duration::from_secs(1),
+            connections: 50,
+            backends: 3,
+        };
+        let mut out = String::new();
+        data_plane_section(&mut out, &settings, &rounds);
+        // Medians: baseline 200 rps and 50 µs; zklb 70 rps (0.35×) and 80 µs (1.60×).
+        assert!(
+            out.contains("| `native_random` | 200 | 1.00× | 1.00 | 1.00× | 2.00 | 1.00× | 50.0 | 1.00× | 0 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| `zklb` | 70 | 0.35× | 1.00 | 1.00× | 2.00 | 1.00× | 80.0 | 1.60× | 0 |"
+            ),
+            "{out}"
+        );
+        assert!(
+            !out.contains("noop_wasm"),
+            "a variant without rounds has no row"
+        );
+        assert!(out.contains("| 3 | `zklb` | 1000 | 70 |"), "{out}");
     }
 
     #[test]

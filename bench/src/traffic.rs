@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use crate::stats::percentile;
+
 /// Requests each client sends at most, whatever the time limit.
 const MAX_REQUESTS_PER_CLIENT: u64 = 20_000_000;
 
@@ -24,8 +26,10 @@ pub struct Traffic {
 struct Log {
     /// Arrival times of the `200` answers, by body (the backend's label), in arrival order.
     answers: HashMap<String, Vec<Instant>>,
-    /// Non-200 answers by status; `0` for requests that got no answer at all.
-    others: BTreeMap<u16, u64>,
+    /// Arrival times of the other answers by status; `0` for requests that got no answer at all.
+    others: BTreeMap<u16, Vec<Instant>>,
+    /// Every request's arrival time and latency in milliseconds, in arrival order.
+    latencies: Vec<(Instant, f64)>,
 }
 
 /// What a stopped request loop did.
@@ -34,6 +38,24 @@ pub struct Summary {
     pub answers: u64,
     pub others: BTreeMap<u16, u64>,
     pub seconds: f64,
+}
+
+/// The answers of one stretch of time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Window {
+    pub ok: u64,
+    /// Answers other than `200`, and requests without an answer.
+    pub failed: u64,
+    pub seconds: f64,
+    /// Request latencies, sent to answered (or failed).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Window {
+    pub fn per_second(&self) -> f64 {
+        (self.ok + self.failed) as f64 / self.seconds.max(1e-9)
+    }
 }
 
 impl Summary {
@@ -63,6 +85,7 @@ impl Traffic {
                     if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
                         break;
                     }
+                    let sent = Instant::now();
                     let answer = match http.get(&url).header("host", &host).send().await {
                         Ok(response) => {
                             let status = response.status().as_u16();
@@ -75,10 +98,12 @@ impl Traffic {
                         let mut log = lock(&log);
                         // Stamped under the lock, so every list stays in time order.
                         let now = Instant::now();
+                        log.latencies
+                            .push((now, (now - sent).as_secs_f64() * 1000.0));
                         match answer {
                             Some((200, body)) => log.answers.entry(body).or_default().push(now),
-                            Some((status, _)) => *log.others.entry(status).or_default() += 1,
-                            None => *log.others.entry(0).or_default() += 1,
+                            Some((status, _)) => log.others.entry(status).or_default().push(now),
+                            None => log.others.entry(0).or_default().push(now),
                         }
                     }
                     if failed {
@@ -123,6 +148,27 @@ impl Traffic {
         times[..end].last().copied().filter(|&at| at >= from)
     }
 
+    /// How many `200` and other answers arrived in `[from, to)`.
+    pub fn window(&self, from: Instant, to: Instant) -> Window {
+        let log = lock(&self.log);
+        let count = |times: &Vec<Instant>| {
+            (times.partition_point(|&at| at < to) - times.partition_point(|&at| at < from)) as u64
+        };
+        let start = log.latencies.partition_point(|(at, _)| *at < from);
+        let end = log.latencies.partition_point(|(at, _)| *at < to);
+        let latencies: Vec<f64> = log.latencies[start..end]
+            .iter()
+            .map(|(_, ms)| *ms)
+            .collect();
+        Window {
+            ok: log.answers.values().map(count).sum(),
+            failed: log.others.values().map(count).sum(),
+            seconds: to.saturating_duration_since(from).as_secs_f64(),
+            p50_ms: percentile(&latencies, 50.0).unwrap_or(0.0),
+            p99_ms: percentile(&latencies, 99.0).unwrap_or(0.0),
+        }
+    }
+
     /// Stops the clients and says what they did.
     pub async fn stop(mut self) -> Summary {
         self.stop.store(true, Ordering::Relaxed);
@@ -131,7 +177,11 @@ impl Traffic {
         let log = lock(&self.log);
         Summary {
             answers: log.answers.values().map(|times| times.len() as u64).sum(),
-            others: log.others.clone(),
+            others: log
+                .others
+                .iter()
+                .map(|(status, times)| (*status, times.len() as u64))
+                .collect(),
             seconds,
         }
     }
