@@ -684,3 +684,10 @@ impl Envoy {
         self.process.id()
     }
 }
+
+impl ControlPlane {
+    /// The control-plane process id, e.g. to read its memory and CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}
