@@ -10,6 +10,7 @@ use zklb_tests::eventually;
 use zklb_tests::stack::{free_port, render_envoy_config, workspace_root, ControlPlane, Envoy};
 
 use crate::nginx::Nginx;
+use crate::procfs;
 use crate::registration;
 use crate::startup;
 use crate::wrk::{self, WrkReport};
@@ -61,7 +62,7 @@ pub struct Round {
 
 /// Starts the three variants, warms each up, and runs `settings.rounds` interleaved rounds.
 pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Round>> {
-    let clock_ticks = clock_ticks_per_second()?;
+    let clock_ticks = procfs::clock_ticks_per_second()?;
     let nginx = Nginx::start(dir, "nginx-data-plane", 0..settings.backends).await;
     let endpoints = endpoints_yaml(&nginx.ports);
 
@@ -130,10 +131,10 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
     let mut rounds = Vec::new();
     for round in 1..=settings.rounds {
         for (variant, envoy) in envoys {
-            let before = cpu_ticks(envoy.pid())?;
+            let before = procfs::cpu_ticks(envoy.pid())?;
             let report =
                 wrk::run(&url(envoy), SERVICE, settings.connections, settings.round).await?;
-            let after = cpu_ticks(envoy.pid())?;
+            let after = procfs::cpu_ticks(envoy.pid())?;
             let cpu_us = (after - before) as f64 * 1e6 / clock_ticks as f64;
             let measured = Round {
                 variant,
@@ -248,47 +249,9 @@ async fn wait_for_every_backend(variant: Variant, envoy: &Envoy, backends: usize
     .await;
 }
 
-fn clock_ticks_per_second() -> anyhow::Result<u64> {
-    let output = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .context("running getconf CLK_TCK")?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .context("reading getconf CLK_TCK")
-}
-
-/// The process's user + system CPU time so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_cpu_ticks(&stat).with_context(|| format!("reading utime and stime in {path}: {stat}"))
-}
-
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2) is
-/// in parentheses and may itself hold spaces and parentheses, so fields are counted after the
-/// last `)`.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let (_, after_name) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // after_name starts at field 3 (state), so field n is at index n - 3.
-    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
-    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
-    Some(utime + stime)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_ticks_are_utime_plus_stime() {
-        let stat = "4242 (envoy (main) x) S 1 4242 4242 0 -1 4194560 12016 0 0 0 1234 567 0 0 20 0 9 0 3456 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(1234 + 567));
-        assert_eq!(parse_cpu_ticks("4242 (envoy) S 1 2"), None);
-        assert_eq!(parse_cpu_ticks("garbage"), None);
-    }
 
     #[test]
     fn templates_are_rendered_completely() {

@@ -5,6 +5,7 @@
 //! - [`data_plane`]: wrk against three Envoy variants in interleaved rounds;
 //! - [`propagation`]: registry changes timed to the first or last answer through Envoy;
 //! - [`failover`]: a backend crashing under load, counted in failed requests and retries;
+//! - [`scale`]: the control plane with thousands of instances registered;
 //! - [`report`]: the results section of `BENCHMARKS.md`;
 //! - [`nginx`], [`registration`], [`traffic`], [`wrk`], [`startup`]: the backends, the znodes, the
 //!   request loop, the load generator and starting ZooKeeper; [`stats`] and [`machine`] what the figures are reduced to and
@@ -16,9 +17,11 @@ mod data_plane;
 mod failover;
 mod machine;
 mod nginx;
+mod procfs;
 mod propagation;
 mod registration;
 mod report;
+mod scale;
 mod startup;
 mod stats;
 mod traffic;
@@ -53,13 +56,14 @@ enum Part {
     DataPlane,
     Propagation,
     Failover,
+    Scale,
 }
 
 fn data_plane_settings(quick: bool) -> data_plane::Settings {
     data_plane::Settings {
         rounds: if quick { 3 } else { 7 },
         round: Duration::from_secs(if quick { 4 } else { 15 }),
-        warm_up: Duration::from_secs(if quick { 2 } else { 3 }),
+        warm_up: Duration::from_secs(if quick { 1 } else { 3 }),
         connections: 50,
         backends: 3,
     }
@@ -86,6 +90,18 @@ fn failover_settings(quick: bool) -> failover::Settings {
     }
 }
 
+fn scale_settings(quick: bool) -> scale::Settings {
+    scale::Settings {
+        sizes: if quick {
+            vec![1_000]
+        } else {
+            vec![1_000, 10_000, 50_000]
+        },
+        per_service: 20,
+        changes: if quick { 5 } else { 20 },
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -107,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
     let data_plane_settings = data_plane_settings(args.quick);
     let propagation_settings = propagation_settings(args.quick);
     let failover_settings = failover_settings(args.quick);
+    let scale_settings = scale_settings(args.quick);
     let wants = |part: Part| args.only.is_none_or(|only| only == part);
     let measured = async {
         let data_plane = match wants(Part::DataPlane) {
@@ -121,10 +138,14 @@ async fn main() -> anyhow::Result<()> {
             true => Some(failover::measure(dir.path(), &failover_settings).await?),
             false => None,
         };
-        anyhow::Ok((data_plane, propagation, failover))
+        let scale = match wants(Part::Scale) {
+            true => Some(scale::measure(dir.path(), &scale_settings).await?),
+            false => None,
+        };
+        anyhow::Ok((data_plane, propagation, failover, scale))
     }
     .await;
-    let (data_plane, propagation, failover) = match measured {
+    let (data_plane, propagation, failover, scale) = match measured {
         Ok(measured) => measured,
         Err(error) => {
             eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
@@ -159,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         failover: failover
             .as_deref()
             .map(|rounds| (&failover_settings, rounds)),
+        scale: scale.as_deref().map(|sizes| (&scale_settings, sizes)),
     };
     let existing = std::fs::read_to_string(&output).ok();
     let text = report::splice(existing.as_deref(), &report::results(&run));

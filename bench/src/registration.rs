@@ -62,6 +62,38 @@ pub async fn register(
     Ok(path)
 }
 
+/// Registers `ports.len()` instances `<prefix>-<i>` of an existing service, sending each batch of
+/// creates before awaiting any (ZooKeeper answers them in order), so that thousands take seconds.
+pub async fn register_many(
+    zookeeper: &Client,
+    root: &str,
+    service: &str,
+    prefix: &str,
+    ports: &[u16],
+) -> anyhow::Result<()> {
+    let mode = CreateMode::Ephemeral.with_acls(Acls::anyone_all());
+    for (batch, chunk) in ports.chunks(500).enumerate() {
+        let paths: Vec<(String, String, u16)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let id = format!("{prefix}-{}", batch * 500 + i);
+                (format!("{root}/{service}/{id}"), id, *port)
+            })
+            .collect();
+        let pending: Vec<_> = paths
+            .iter()
+            .map(|(path, id, port)| {
+                zookeeper.create(path, &curator_instance(service, id, *port, 0), &mode)
+            })
+            .collect();
+        for (created, (path, _, _)) in pending.into_iter().zip(&paths) {
+            created.await.with_context(|| format!("creating {path}"))?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn deregister(zookeeper: &Client, path: &str) -> anyhow::Result<()> {
     zookeeper
         .delete(path, None)

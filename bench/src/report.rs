@@ -7,6 +7,7 @@ use crate::data_plane::{self, Round, Variant};
 use crate::failover;
 use crate::machine::Machine;
 use crate::propagation;
+use crate::scale;
 use crate::stats::{median, percentile};
 
 /// Everything after this line is the results section.
@@ -27,6 +28,7 @@ pub struct Run<'a> {
     pub data_plane: Option<(&'a data_plane::Settings, &'a [Round])>,
     pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
     pub failover: Option<(&'a failover::Settings, &'a [failover::Round])>,
+    pub scale: Option<(&'a scale::Settings, &'a [scale::Size])>,
 }
 
 /// The new file: `existing`'s text up to and including [`MARKER`] (or [`INTRO`] and the marker
@@ -71,7 +73,11 @@ pub fn results(run: &Run) -> String {
         let _ = writeln!(out, "| note | {note} |");
     }
     let _ = writeln!(out, "| Envoy | {} |", machine.envoy);
-    let _ = writeln!(out, "| zklb | `{}` |", machine.zklb_rev);
+    let _ = writeln!(
+        out,
+        "| zklb | `{}`; the control plane is the debug build the test harness runs (`target/debug`) |",
+        machine.zklb_rev
+    );
     let _ = writeln!(
         out,
         "| backends, load | {}, {} |\n",
@@ -85,6 +91,9 @@ pub fn results(run: &Run) -> String {
     }
     if let Some((settings, rounds)) = run.failover {
         failover_section(&mut out, settings, rounds);
+    }
+    if let Some((settings, sizes)) = run.scale {
+        scale_section(&mut out, settings, sizes);
     }
     out
 }
@@ -321,6 +330,41 @@ fn failover_section(out: &mut String, settings: &failover::Settings, rounds: &[f
                 retries.map_or("–".to_string(), |retries| retries.to_string()),
             );
         }
+    }
+}
+
+fn scale_section(out: &mut String, settings: &scale::Settings, sizes: &[scale::Size]) {
+    let _ = writeln!(out, "\n### Control-plane scale\n");
+    let _ = writeln!(
+        out,
+        "Curator instances, {} per service, registered in ZooKeeper before a control plane starts on them (a root per size). Serving: from the start to `/healthz` 200 and the list holding every instance (polled every 20–50 ms). A change: an instance created while a reader long-polls `/v1/services?after=<version>`, timed from the create returning to the answer (the whole list) received; {} changes per size. Memory and CPU: the control plane's resident set after the changes, and its CPU time until it served everything.\n",
+        settings.per_service, settings.changes,
+    );
+    let _ = writeln!(out, "| instances | services | registering ms | serving ms | CPU ms to serve | list KiB | list fetch ms | change p50 ms | change p99 ms | resident MiB |");
+    let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for size in sizes {
+        let Some(serving) = size.serving_ms else {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | not within 60 s | – | – | – | – | – | – |",
+                size.instances, size.services, size.populate_ms
+            );
+            continue;
+        };
+        let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {serving:.0} | {:.0} | {} | {:.1} | {} | {} | {:.0} |",
+            size.instances,
+            size.services,
+            size.populate_ms,
+            size.startup_cpu_ms,
+            size.list_bytes / 1024,
+            size.list_fetch_ms,
+            shown(percentile(&size.changes_ms, 50.0)),
+            shown(percentile(&size.changes_ms, 99.0)),
+            size.resident_mib,
+        );
     }
 }
 
