@@ -121,7 +121,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
         (Variant::Zklb, &zklb),
     ];
     for (variant, envoy) in envoys {
-        wait_for_every_backend(variant, envoy, nginx.ports.len()).await;
+        wait_for_every_backend(variant.name(), envoy, nginx.ports.len()).await;
     }
     for (variant, envoy) in envoys {
         println!("data plane: warming up {}", variant.name());
@@ -160,7 +160,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
     Ok(rounds)
 }
 
-fn url(envoy: &Envoy) -> String {
+pub fn url(envoy: &Envoy) -> String {
     format!("http://127.0.0.1:{}/", envoy.listen_port)
 }
 
@@ -220,10 +220,10 @@ fn endpoints_yaml(ports: &[u16]) -> String {
 
 /// Waits until requests through `envoy` have reached every backend, so no round measures a
 /// start-up.
-async fn wait_for_every_backend(variant: Variant, envoy: &Envoy, backends: usize) {
+pub async fn wait_for_every_backend(name: &str, envoy: &Envoy, backends: usize) {
     let http = reqwest::Client::new();
     let url = url(envoy);
-    let what = format!("{} reaches all {backends} backends", variant.name());
+    let what = format!("{name} reaches all {backends} backends");
     eventually(Duration::from_secs(60), &what, || async {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..20 * backends {

@@ -6,6 +6,7 @@
 //! - [`propagation`]: registry changes timed to the first or last answer through Envoy;
 //! - [`failover`]: a backend crashing under load, counted in failed requests and retries;
 //! - [`scale`]: the control plane with thousands of instances registered;
+//! - [`filter_scale`]: the filter's cost and propagation with hundreds of services;
 //! - [`report`]: the results section of `BENCHMARKS.md`;
 //! - [`nginx`], [`registration`], [`traffic`], [`wrk`], [`startup`]: the backends, the znodes, the
 //!   request loop, the load generator and starting ZooKeeper; [`stats`] and [`machine`] what the figures are reduced to and
@@ -15,6 +16,7 @@
 
 mod data_plane;
 mod failover;
+mod filter_scale;
 mod machine;
 mod nginx;
 mod procfs;
@@ -57,6 +59,7 @@ enum Part {
     Propagation,
     Failover,
     Scale,
+    FilterScale,
 }
 
 fn data_plane_settings(quick: bool) -> data_plane::Settings {
@@ -102,6 +105,22 @@ fn scale_settings(quick: bool) -> scale::Settings {
     }
 }
 
+fn filter_scale_settings(quick: bool) -> filter_scale::Settings {
+    filter_scale::Settings {
+        sizes: if quick {
+            vec![1, 100]
+        } else {
+            vec![1, 100, 500]
+        },
+        rounds: if quick { 2 } else { 5 },
+        round: Duration::from_secs(if quick { 3 } else { 10 }),
+        warm_up: Duration::from_secs(1),
+        connections: 50,
+        changes: if quick { 2 } else { 10 },
+        clients: 4,
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -124,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
     let propagation_settings = propagation_settings(args.quick);
     let failover_settings = failover_settings(args.quick);
     let scale_settings = scale_settings(args.quick);
+    let filter_scale_settings = filter_scale_settings(args.quick);
     let wants = |part: Part| args.only.is_none_or(|only| only == part);
     let measured = async {
         let data_plane = match wants(Part::DataPlane) {
@@ -142,10 +162,14 @@ async fn main() -> anyhow::Result<()> {
             true => Some(scale::measure(dir.path(), &scale_settings).await?),
             false => None,
         };
-        anyhow::Ok((data_plane, propagation, failover, scale))
+        let filter_scale = match wants(Part::FilterScale) {
+            true => Some(filter_scale::measure(dir.path(), &filter_scale_settings).await?),
+            false => None,
+        };
+        anyhow::Ok((data_plane, propagation, failover, scale, filter_scale))
     }
     .await;
-    let (data_plane, propagation, failover, scale) = match measured {
+    let (data_plane, propagation, failover, scale, filter_scale) = match measured {
         Ok(measured) => measured,
         Err(error) => {
             eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
@@ -181,6 +205,9 @@ async fn main() -> anyhow::Result<()> {
             .as_deref()
             .map(|rounds| (&failover_settings, rounds)),
         scale: scale.as_deref().map(|sizes| (&scale_settings, sizes)),
+        filter_scale: filter_scale
+            .as_deref()
+            .map(|sizes| (&filter_scale_settings, sizes)),
     };
     let existing = std::fs::read_to_string(&output).ok();
     let text = report::splice(existing.as_deref(), &report::results(&run));

@@ -24,9 +24,9 @@ const QUIET: Duration = Duration::from_secs(1);
 /// The pause around an isolated change: longer than anything in the path paces itself after an
 /// update (Envoy's REST xDS fetcher waits up to twice its 1 s `refresh_delay` after each answer),
 /// so that each change meets an idle system.
-const ISOLATION: Duration = Duration::from_secs(2);
+pub const ISOLATION: Duration = Duration::from_secs(2);
 /// The longest any single change may take to show before it is recorded as never seen.
-const CHANGE_LIMIT: Duration = Duration::from_secs(20);
+pub const CHANGE_LIMIT: Duration = Duration::from_secs(20);
 /// The longest any request loop runs.
 const TRAFFIC_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -265,7 +265,7 @@ async fn new_services(
     Ok(firsts)
 }
 
-fn millis(duration: Duration) -> f64 {
+pub fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
@@ -277,7 +277,7 @@ fn shown(value: Option<&Option<f64>>) -> String {
 }
 
 /// The first answer from `label` at or after `since`, waiting up to `limit` for it.
-async fn wait_first(
+pub async fn wait_first(
     traffic: &Traffic,
     label: &str,
     since: Instant,

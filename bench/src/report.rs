@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::data_plane::{self, Round, Variant};
 use crate::failover;
+use crate::filter_scale;
 use crate::machine::Machine;
 use crate::propagation;
 use crate::scale;
@@ -29,6 +30,7 @@ pub struct Run<'a> {
     pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
     pub failover: Option<(&'a failover::Settings, &'a [failover::Round])>,
     pub scale: Option<(&'a scale::Settings, &'a [scale::Size])>,
+    pub filter_scale: Option<(&'a filter_scale::Settings, &'a [filter_scale::Size])>,
 }
 
 /// The new file: `existing`'s text up to and including [`MARKER`] (or [`INTRO`] and the marker
@@ -94,6 +96,9 @@ pub fn results(run: &Run) -> String {
     }
     if let Some((settings, sizes)) = run.scale {
         scale_section(&mut out, settings, sizes);
+    }
+    if let Some((settings, sizes)) = run.filter_scale {
+        filter_scale_section(&mut out, settings, sizes);
     }
     out
 }
@@ -364,6 +369,60 @@ fn scale_section(out: &mut String, settings: &scale::Settings, sizes: &[scale::S
             shown(percentile(&size.changes_ms, 50.0)),
             shown(percentile(&size.changes_ms, 99.0)),
             size.resident_mib,
+        );
+    }
+}
+
+fn filter_scale_section(
+    out: &mut String,
+    settings: &filter_scale::Settings,
+    sizes: &[filter_scale::Size],
+) {
+    let _ = writeln!(out, "\n### Filter scale\n");
+    let _ = writeln!(
+        out,
+        "Per size, a control plane and an Envoy (`--concurrency 1`) with the zklb filter on a registry of that many services (three instances each); requests go to `echo` alone, the same three nginx backends at every size. `wrk -t1 -c{} -d{}s --latency -H 'Host: echo'`, {} rounds interleaved across sizes; medians over rounds; × is the ratio to the smallest size. Registration: an isolated new `echo` instance, from its create returning to the first answer from it, {} per size.\n",
+        settings.connections,
+        settings.round.as_secs(),
+        settings.rounds,
+        settings.changes,
+    );
+    let figures: Vec<(usize, f64, f64, f64, f64)> = sizes
+        .iter()
+        .filter_map(|size| {
+            let of = |field: fn(&(crate::wrk::WrkReport, f64)) -> f64| {
+                median(&size.rounds.iter().map(field).collect::<Vec<_>>())
+            };
+            Some((
+                size.services,
+                of(|(wrk, _)| wrk.requests_per_second)?,
+                of(|(wrk, _)| wrk.p50_ms)?,
+                of(|(wrk, _)| wrk.p99_ms)?,
+                of(|(_, cpu)| *cpu)?,
+            ))
+        })
+        .collect();
+    let Some(&(_, base_rps, _, _, base_cpu)) = figures.first() else {
+        return;
+    };
+    let _ = writeln!(out, "| services | requests/s | × | p50 ms | p99 ms | Envoy CPU µs/request | × | registration p50 ms | p99 ms | every round, requests/s |");
+    let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    for (size, (services, rps, p50, p99, cpu)) in sizes.iter().zip(&figures) {
+        let reached: Vec<f64> = size.changes_ms.iter().flatten().copied().collect();
+        let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+        let every: Vec<String> = size
+            .rounds
+            .iter()
+            .map(|(wrk, _)| format!("{:.0}", wrk.requests_per_second))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {services} | {rps:.0} | {:.2}× | {p50:.2} | {p99:.2} | {cpu:.1} | {:.2}× | {} | {} | {} |",
+            rps / base_rps,
+            cpu / base_cpu,
+            shown(percentile(&reached, 50.0)),
+            shown(percentile(&reached, 99.0)),
+            every.join(", "),
         );
     }
 }
