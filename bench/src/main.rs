@@ -65,7 +65,7 @@ enum Part {
 fn data_plane_settings(quick: bool) -> data_plane::Settings {
     data_plane::Settings {
         rounds: if quick { 3 } else { 7 },
-        round: Duration::from_secs(if quick { 4 } else { 15 }),
+        round: Duration::from_secs(if quick { 3 } else { 15 }),
         warm_up: Duration::from_secs(if quick { 1 } else { 3 }),
         connections: 50,
         backends: 3,
@@ -74,11 +74,11 @@ fn data_plane_settings(quick: bool) -> data_plane::Settings {
 
 fn propagation_settings(quick: bool) -> propagation::Settings {
     propagation::Settings {
-        isolated: if quick { 6 } else { 30 },
+        isolated: if quick { 5 } else { 30 },
         back_to_back: if quick { 10 } else { 30 },
         spacing: Duration::from_millis(300),
         live: 6,
-        new_services: if quick { 3 } else { 10 },
+        new_services: if quick { 2 } else { 10 },
         clients: 4,
         envoy_workers: 2,
     }
@@ -113,10 +113,10 @@ fn filter_scale_settings(quick: bool) -> filter_scale::Settings {
             vec![1, 100, 500]
         },
         rounds: if quick { 2 } else { 5 },
-        round: Duration::from_secs(if quick { 3 } else { 10 }),
+        round: Duration::from_secs(if quick { 3 } else { 8 }),
         warm_up: Duration::from_secs(1),
         connections: 50,
-        changes: if quick { 2 } else { 10 },
+        changes: if quick { 2 } else { 5 },
         clients: 4,
     }
 }
