@@ -146,25 +146,30 @@ async fn main() -> anyhow::Result<()> {
     let filter_scale_settings = filter_scale_settings(args.quick);
     let wants = |part: Part| args.only.is_none_or(|only| only == part);
     let measured = async {
-        let data_plane = match wants(Part::DataPlane) {
-            true => Some(data_plane::measure(dir.path(), &data_plane_settings).await?),
-            false => None,
+        let data_plane = if wants(Part::DataPlane) {
+            Some(data_plane::measure(dir.path(), &data_plane_settings).await?)
+        } else {
+            None
         };
-        let propagation = match wants(Part::Propagation) {
-            true => Some(propagation::measure(dir.path(), &propagation_settings).await?),
-            false => None,
+        let propagation = if wants(Part::Propagation) {
+            Some(propagation::measure(dir.path(), &propagation_settings).await?)
+        } else {
+            None
         };
-        let failover = match wants(Part::Failover) {
-            true => Some(failover::measure(dir.path(), &failover_settings).await?),
-            false => None,
+        let failover = if wants(Part::Failover) {
+            Some(failover::measure(dir.path(), &failover_settings).await?)
+        } else {
+            None
         };
-        let scale = match wants(Part::Scale) {
-            true => Some(scale::measure(dir.path(), &scale_settings).await?),
-            false => None,
+        let scale = if wants(Part::Scale) {
+            Some(scale::measure(dir.path(), &scale_settings).await?)
+        } else {
+            None
         };
-        let filter_scale = match wants(Part::FilterScale) {
-            true => Some(filter_scale::measure(dir.path(), &filter_scale_settings).await?),
-            false => None,
+        let filter_scale = if wants(Part::FilterScale) {
+            Some(filter_scale::measure(dir.path(), &filter_scale_settings).await?)
+        } else {
+            None
         };
         anyhow::Ok((data_plane, propagation, failover, scale, filter_scale))
     }

@@ -35,7 +35,9 @@ struct Log {
 /// What a stopped request loop did.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// `200` answers.
     pub answers: u64,
+    /// Other answers by status; `0` for requests without an answer.
     pub others: BTreeMap<u16, u64>,
     pub seconds: f64,
 }
