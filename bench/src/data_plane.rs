@@ -262,6 +262,33 @@ mod tests {
         assert!(error.to_string().contains("${Z}"), "{error}");
     }
 
+    /// The noop-wasm variant needs its wasm module to validate (Envoy loads it); `bench/run`
+    /// starts it and fails if Envoy refuses it.
+    #[test]
+    fn baseline_config_validates() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let template =
+            std::fs::read_to_string(workspace_root().join("bench/envoy/native-random.yaml"))
+                .expect("template");
+        let variables = [
+            ("BENCH_LISTEN_PORT", "10000".to_string()),
+            ("BENCH_ADMIN_PORT", "9901".to_string()),
+            ("BENCH_ENDPOINTS", endpoints_yaml(&[8081, 8082, 8083])),
+        ];
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, render(&template, &variables).expect("renders")).expect("writing");
+        let output = std::process::Command::new(zklb_tests::stack::envoy_binary())
+            .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+            .arg(&config)
+            .output()
+            .expect("running envoy --mode validate");
+        assert!(
+            output.status.success(),
+            "envoy rejected bench/envoy/native-random.yaml:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     #[test]
     fn shipped_variant_templates_take_exactly_the_bench_variables() {
         for (template, wasm) in [("native-random.yaml", false), ("noop-wasm.yaml", true)] {
