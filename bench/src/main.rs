@@ -64,8 +64,8 @@ enum Part {
 
 fn data_plane_settings(quick: bool) -> data_plane::Settings {
     data_plane::Settings {
-        rounds: if quick { 3 } else { 7 },
-        round: Duration::from_secs(if quick { 3 } else { 15 }),
+        rounds: if quick { 4 } else { 7 },
+        round: Duration::from_secs(if quick { 2 } else { 15 }),
         warm_up: Duration::from_secs(if quick { 1 } else { 3 }),
         connections: 50,
         backends: 3,

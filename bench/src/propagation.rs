@@ -121,6 +121,8 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Results>
     let (back_to_back_create, back_to_back_delete) =
         back_to_back(&traffic, &registrar, ports, settings).await?;
     let traffic = traffic.stop().await;
+    // The new services meet an idle system too, not the tail of the back-to-back changes.
+    tokio::time::sleep(ISOLATION).await;
     let new_service = new_services(&url, &registrar, ports[0], settings).await?;
     drop(registrar);
     Ok(Results {
