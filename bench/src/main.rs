@@ -98,7 +98,7 @@ fn scale_settings(quick: bool) -> scale::Settings {
         sizes: if quick {
             vec![1_000]
         } else {
-            vec![1_000, 10_000, 50_000]
+            vec![1_000, 10_000, 20_000, 50_000]
         },
         per_service: 20,
         changes: if quick { 5 } else { 20 },
