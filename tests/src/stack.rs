@@ -749,3 +749,59 @@ impl Stack {
         counts
     }
 }
+
+impl Envoy {
+    /// Envoy on a configuration file of the caller's (already rendered, listening on
+    /// `listen_port` with its admin on `admin_port`) with `concurrency` workers, once live. The
+    /// benchmarks start their variants this way.
+    pub async fn start_with_config(
+        config_path: PathBuf,
+        listen_port: u16,
+        admin_port: u16,
+        concurrency: u32,
+        dir: &Path,
+    ) -> Envoy {
+        let mut command = Command::new(envoy_binary());
+        command
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--use-dynamic-base-id", "--log-level", "info"]);
+        let envoy = Envoy {
+            listen_port,
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            config_path,
+            process: Child::spawn("envoy", command, dir),
+        };
+        let http = reqwest::Client::new();
+        eventually(START_TIMEOUT, "Envoy is live", || async {
+            let body = http
+                .get(format!("{}/ready", envoy.admin_url))
+                .send()
+                .await
+                .map_err(|error| error.to_string())?
+                .text()
+                .await
+                .map_err(|error| error.to_string())?;
+            if body.trim() == "LIVE" {
+                Ok(())
+            } else {
+                Err(format!("/ready says {body:?}"))
+            }
+        })
+        .await;
+        envoy
+    }
+
+    /// The Envoy process id, e.g. to read its CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}
+
+impl ControlPlane {
+    /// The control-plane process id, e.g. to read its memory and CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}

@@ -1,0 +1,510 @@
+//! `BENCHMARKS.md`: a fixed introduction, kept as it is in the file, and a results section that
+//! every run rewrites.
+
+use std::fmt::Write as _;
+
+use crate::data_plane::{self, Round, Variant};
+use crate::failover;
+use crate::filter_scale;
+use crate::machine::Machine;
+use crate::propagation;
+use crate::scale;
+use crate::stats::{median, percentile};
+
+/// Everything after this line is the results section.
+pub const MARKER: &str = "<!-- bench/run rewrites everything below this line. -->";
+
+/// The introduction written when the file has none.
+pub const INTRO: &str = include_str!("intro.md");
+
+/// One run's figures and where they came from.
+pub struct Run<'a> {
+    pub command: String,
+    pub quick: bool,
+    pub machine: &'a Machine,
+    pub load_after: String,
+    pub minutes: f64,
+    /// Circumstances worth knowing, e.g. other work running on the machine.
+    pub note: Option<&'a str>,
+    pub data_plane: Option<(&'a data_plane::Settings, &'a [Round])>,
+    pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
+    pub failover: Option<(&'a failover::Settings, &'a [failover::Round])>,
+    pub scale: Option<(&'a scale::Settings, &'a [scale::Size])>,
+    pub filter_scale: Option<(&'a filter_scale::Settings, &'a [filter_scale::Size])>,
+}
+
+/// The new file: `existing`'s text up to and including [`MARKER`] (or [`INTRO`] and the marker
+/// when it has none), then `results`.
+pub fn splice(existing: Option<&str>, results: &str) -> String {
+    let intro = existing
+        .and_then(|text| text.find(MARKER).map(|at| &text[..at]))
+        .unwrap_or(INTRO);
+    format!(
+        "{}\n\n{MARKER}\n\n{}",
+        intro.trim_end(),
+        results.trim_start()
+    )
+}
+
+pub fn results(run: &Run) -> String {
+    let mut out = String::new();
+    let machine = run.machine;
+    let _ = writeln!(out, "## Results\n");
+    let mode = if run.quick {
+        "the **quick mode** (short, few rounds: indicative only)"
+    } else {
+        "the full mode"
+    };
+    let _ = writeln!(
+        out,
+        "Measured with `{}`, {mode}, on {}, in {:.1} minutes.\n",
+        run.command, machine.date, run.minutes
+    );
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| machine | {} CPUs, {}, {} |",
+        machine.cpus, machine.cpu_model, machine.kernel
+    );
+    let _ = writeln!(
+        out,
+        "| load average (1, 5, 15 min) | {} at the start, {} at the end (the run's own build and processes included) |",
+        machine.load_before, run.load_after,
+    );
+    if let Some(note) = run.note {
+        let _ = writeln!(out, "| note | {note} |");
+    }
+    let _ = writeln!(out, "| Envoy | {} |", machine.envoy);
+    let _ = writeln!(
+        out,
+        "| zklb | `{}`; the control plane is the debug build the test harness runs (`target/debug`) |",
+        machine.zklb_rev
+    );
+    let _ = writeln!(
+        out,
+        "| backends, load | {}, {} |\n",
+        machine.nginx, machine.wrk
+    );
+    if let Some((settings, rounds)) = run.data_plane {
+        data_plane_section(&mut out, settings, rounds);
+    }
+    if let Some((settings, results)) = run.propagation {
+        propagation_section(&mut out, settings, results);
+    }
+    if let Some((settings, rounds)) = run.failover {
+        failover_section(&mut out, settings, rounds);
+    }
+    if let Some((settings, sizes)) = run.scale {
+        scale_section(&mut out, settings, sizes);
+    }
+    if let Some((settings, sizes)) = run.filter_scale {
+        filter_scale_section(&mut out, settings, sizes);
+    }
+    out
+}
+
+/// Medians of each variant, in [`Variant::ALL`] order.
+struct Medians {
+    variant: Variant,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    cpu: f64,
+    failures: u64,
+}
+
+fn medians(rounds: &[Round]) -> Vec<Medians> {
+    Variant::ALL
+        .iter()
+        .filter_map(|&variant| {
+            let mine: Vec<&Round> = rounds
+                .iter()
+                .filter(|round| round.variant == variant)
+                .collect();
+            let of = |field: fn(&Round) -> f64| {
+                median(&mine.iter().map(|round| field(round)).collect::<Vec<_>>())
+            };
+            Some(Medians {
+                variant,
+                rps: of(|round| round.wrk.requests_per_second)?,
+                p50: of(|round| round.wrk.p50_ms)?,
+                p99: of(|round| round.wrk.p99_ms)?,
+                cpu: of(|round| round.cpu_us_per_request)?,
+                failures: mine
+                    .iter()
+                    .map(|round| round.wrk.non_2xx + round.wrk.socket_errors)
+                    .sum(),
+            })
+        })
+        .collect()
+}
+
+fn data_plane_section(out: &mut String, settings: &data_plane::Settings, rounds: &[Round]) {
+    let _ = writeln!(out, "### Data plane\n");
+    let _ = writeln!(
+        out,
+        "`wrk -t1 -c{} -d{}s --latency -H 'Host: echo'`, {} interleaved rounds after a {} s warm-up, Envoy `--concurrency 1`, {} nginx backends. Medians over rounds; × is the ratio to `native_random`'s median.\n",
+        settings.connections,
+        settings.round.as_secs(),
+        settings.rounds,
+        settings.warm_up.as_secs(),
+        settings.backends,
+    );
+    let medians = medians(rounds);
+    let Some(baseline) = medians.iter().find(|m| m.variant == Variant::NativeRandom) else {
+        return;
+    };
+    let ratio = |value: f64, base: f64| {
+        if base > 0.0 {
+            format!("{:.2}×", value / base)
+        } else {
+            "–".into()
+        }
+    };
+    let _ = writeln!(out, "| variant | requests/s | × | p50 ms | × | p99 ms | × | Envoy CPU µs/request | × | failed requests |");
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for m in &medians {
+        let _ = writeln!(
+            out,
+            "| `{}` | {:.0} | {} | {:.2} | {} | {:.2} | {} | {:.1} | {} | {} |",
+            m.variant.name(),
+            m.rps,
+            ratio(m.rps, baseline.rps),
+            m.p50,
+            ratio(m.p50, baseline.p50),
+            m.p99,
+            ratio(m.p99, baseline.p99),
+            m.cpu,
+            ratio(m.cpu, baseline.cpu),
+            m.failures,
+        );
+    }
+    let _ = writeln!(out, "\nEvery round:\n");
+    let _ = writeln!(out, "| round | variant | requests | requests/s | p50 ms | p99 ms | Envoy CPU µs/request | non-2xx | socket errors |");
+    let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|--:|--:|");
+    for round in rounds {
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            round.round,
+            round.variant.name(),
+            round.wrk.requests,
+            round.wrk.requests_per_second,
+            round.wrk.p50_ms,
+            round.wrk.p99_ms,
+            round.cpu_us_per_request,
+            round.wrk.non_2xx,
+            round.wrk.socket_errors,
+        );
+    }
+    let _ = writeln!(out);
+}
+
+fn propagation_section(
+    out: &mut String,
+    settings: &propagation::Settings,
+    results: &propagation::Results,
+) {
+    let _ = writeln!(out, "### Propagation\n");
+    let _ = write!(
+        out,
+        "Envoy `--concurrency {}`, {} clients in a tight loop",
+        settings.envoy_workers, settings.clients
+    );
+    if let Some(traffic) = &results.traffic {
+        let others: Vec<String> = traffic
+            .others
+            .iter()
+            .map(|(status, count)| match status {
+                0 => format!("{count} without an answer"),
+                _ => format!("{count} × {status}"),
+            })
+            .collect();
+        let _ = write!(
+            out,
+            " ({:.0} answers/s, so one of n registered backends answers about every {:.1}·n ms; {})",
+            traffic.answers_per_second(),
+            1000.0 / traffic.answers_per_second().max(1e-9),
+            if others.is_empty() { "every answer 200".to_string() } else { others.join(", ") },
+        );
+    }
+    let _ = writeln!(
+        out,
+        ". Back-to-back changes {} ms apart, at most {} changing instances registered at once. Milliseconds; nearest-rank percentiles.\n",
+        settings.spacing.as_millis(),
+        settings.live
+    );
+    let kinds: [(&str, &str, &[Option<f64>]); 5] = [
+        (
+            "isolated registration",
+            "create → first answer from it",
+            &results.isolated_create,
+        ),
+        (
+            "isolated deregistration",
+            "delete → last answer from it",
+            &results.isolated_delete,
+        ),
+        (
+            "back-to-back registration",
+            "create → first answer from it",
+            &results.back_to_back_create,
+        ),
+        (
+            "back-to-back deregistration",
+            "delete → last answer from it",
+            &results.back_to_back_delete,
+        ),
+        (
+            "new service",
+            "first instance's create → first 200",
+            &results.new_service,
+        ),
+    ];
+    let _ = writeln!(
+        out,
+        "| change | measured | changes | reached | p50 ms | p99 ms | max ms |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|");
+    for (kind, what, values) in kinds {
+        let reached: Vec<f64> = values.iter().flatten().copied().collect();
+        let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+        let _ = writeln!(
+            out,
+            "| {kind} | {what} | {} | {} | {} | {} | {} |",
+            values.len(),
+            reached.len(),
+            shown(percentile(&reached, 50.0)),
+            shown(percentile(&reached, 99.0)),
+            shown(percentile(&reached, 100.0)),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nEvery change, in order (ms; `never`: not reached within the time limit):\n"
+    );
+    for (kind, _, values) in kinds {
+        let listed: Vec<String> = values
+            .iter()
+            .map(|value| value.map_or("never".to_string(), |ms| format!("{ms:.1}")))
+            .collect();
+        let _ = writeln!(out, "- {kind}: {}", listed.join(", "));
+    }
+}
+
+fn failover_section(out: &mut String, settings: &failover::Settings, rounds: &[failover::Round]) {
+    let _ = writeln!(out, "\n### Failover under load\n");
+    let _ = writeln!(
+        out,
+        "Envoy `--concurrency {}`, {} clients in a tight loop, three backends. Each round: {} s as is, then one backend killed (SIGKILL) while still registered for {} s, then deregistered for {} s, then replaced. Failed: answers other than 200 and requests without an answer; retries: Envoy's `upstream_rq_retry` for the service's cluster.\n",
+        settings.envoy_workers,
+        settings.clients,
+        settings.stretch.as_secs(),
+        settings.stretch.as_secs(),
+        settings.stretch.as_secs(),
+    );
+    let _ = writeln!(
+        out,
+        "| round | stretch | answers/s | p50 ms | p99 ms | failed | retries |"
+    );
+    let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|");
+    for round in rounds {
+        let stretches = [
+            ("before", &round.before, None),
+            (
+                "crashed, registered",
+                &round.crashed,
+                Some(round.crashed_retries),
+            ),
+            (
+                "deregistered",
+                &round.deregistered,
+                Some(round.deregistered_retries),
+            ),
+        ];
+        for (name, window, retries) in stretches {
+            let _ = writeln!(
+                out,
+                "| {} | {name} | {:.0} | {:.2} | {:.2} | {} of {} | {} |",
+                round.round,
+                window.per_second(),
+                window.p50_ms,
+                window.p99_ms,
+                window.failed,
+                window.ok + window.failed,
+                retries.map_or("–".to_string(), |retries| retries.to_string()),
+            );
+        }
+    }
+}
+
+fn scale_section(out: &mut String, settings: &scale::Settings, sizes: &[scale::Size]) {
+    let _ = writeln!(out, "\n### Control-plane scale\n");
+    let _ = writeln!(
+        out,
+        "Curator instances, {} per service, registered in ZooKeeper before a control plane starts on them (a root per size). Serving: from the start to `/healthz` 200 and the list holding every instance (polled every 20–50 ms). A change: an instance created while a reader long-polls `/v1/services?after=<version>`, timed from the create returning to the answer (the whole list) received; {} changes per size. Memory and CPU: the control plane's resident set after the changes, and its CPU time until it served everything.\n",
+        settings.per_service, settings.changes,
+    );
+    let _ = writeln!(out, "| instances | services | registering ms | serving ms | CPU ms to serve | list KiB | list fetch ms | change p50 ms | change p99 ms | resident MiB |");
+    let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for size in sizes {
+        let Some(serving) = size.serving_ms else {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | not within 60 s | – | – | – | – | – | – |",
+                size.instances, size.services, size.populate_ms
+            );
+            continue;
+        };
+        let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {serving:.0} | {:.0} | {} | {:.1} | {} | {} | {:.0} |",
+            size.instances,
+            size.services,
+            size.populate_ms,
+            size.startup_cpu_ms,
+            size.list_bytes / 1024,
+            size.list_fetch_ms,
+            shown(percentile(&size.changes_ms, 50.0)),
+            shown(percentile(&size.changes_ms, 99.0)),
+            size.resident_mib,
+        );
+    }
+}
+
+fn filter_scale_section(
+    out: &mut String,
+    settings: &filter_scale::Settings,
+    sizes: &[filter_scale::Size],
+) {
+    let _ = writeln!(out, "\n### Filter scale\n");
+    let _ = writeln!(
+        out,
+        "Per size, a control plane and an Envoy (`--concurrency 1`) with the zklb filter on a registry of that many services (three instances each); requests go to `echo` alone, the same three nginx backends at every size. `wrk -t1 -c{} -d{}s --latency -H 'Host: echo'`, {} rounds interleaved across sizes; medians over rounds; × is the ratio to the smallest size. Registration: an isolated new `echo` instance, from its create returning to the first answer from it, {} per size.\n",
+        settings.connections,
+        settings.round.as_secs(),
+        settings.rounds,
+        settings.changes,
+    );
+    let figures: Vec<(usize, f64, f64, f64, f64)> = sizes
+        .iter()
+        .filter_map(|size| {
+            let of = |field: fn(&(crate::wrk::WrkReport, f64)) -> f64| {
+                median(&size.rounds.iter().map(field).collect::<Vec<_>>())
+            };
+            Some((
+                size.services,
+                of(|(wrk, _)| wrk.requests_per_second)?,
+                of(|(wrk, _)| wrk.p50_ms)?,
+                of(|(wrk, _)| wrk.p99_ms)?,
+                of(|(_, cpu)| *cpu)?,
+            ))
+        })
+        .collect();
+    let Some(&(_, base_rps, _, _, base_cpu)) = figures.first() else {
+        return;
+    };
+    let _ = writeln!(out, "| services | requests/s | × | p50 ms | p99 ms | Envoy CPU µs/request | × | registration p50 ms | p99 ms | every round, requests/s |");
+    let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    for (size, (services, rps, p50, p99, cpu)) in sizes.iter().zip(&figures) {
+        let reached: Vec<f64> = size.changes_ms.iter().flatten().copied().collect();
+        let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+        let every: Vec<String> = size
+            .rounds
+            .iter()
+            .map(|(wrk, _)| format!("{:.0}", wrk.requests_per_second))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {services} | {rps:.0} | {:.2}× | {p50:.2} | {p99:.2} | {cpu:.1} | {:.2}× | {} | {} | {} |",
+            rps / base_rps,
+            cpu / base_cpu,
+            shown(percentile(&reached, 50.0)),
+            shown(percentile(&reached, 99.0)),
+            every.join(", "),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splicing_keeps_the_intro_and_replaces_the_results() {
+        let existing = format!("# Benchmarks\n\nMethod.\n\n{MARKER}\n\n## Results\n\nold\n");
+        let spliced = splice(Some(&existing), "## Results\n\nnew\n");
+        assert_eq!(
+            spliced,
+            format!("# Benchmarks\n\nMethod.\n\n{MARKER}\n\n## Results\n\nnew\n")
+        );
+        assert_eq!(
+            splice(Some(&spliced), "## Results\n\nnew\n"),
+            spliced,
+            "stable across runs"
+        );
+    }
+
+    fn round(variant: Variant, round: usize, rps: f64, cpu: f64) -> Round {
+        Round {
+            variant,
+            round,
+            cpu_us_per_request: cpu,
+            wrk: crate::wrk::WrkReport {
+                requests: 1000,
+                seconds: 1.0,
+                requests_per_second: rps,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn data_plane_medians_are_given_as_ratios_to_the_baseline() {
+        let rounds = [
+            round(Variant::NativeRandom, 1, 100.0, 40.0),
+            round(Variant::Zklb, 1, 50.0, 60.0),
+            round(Variant::NativeRandom, 2, 300.0, 50.0),
+            round(Variant::Zklb, 2, 90.0, 80.0),
+            round(Variant::NativeRandom, 3, 200.0, 60.0),
+            round(Variant::Zklb, 3, 70.0, 100.0),
+        ];
+        let settings = data_plane::Settings {
+            rounds: 3,
+            round: std::time::Duration::from_secs(1),
+            warm_up: std::time::Duration::from_secs(1),
+            connections: 50,
+            backends: 3,
+        };
+        let mut out = String::new();
+        data_plane_section(&mut out, &settings, &rounds);
+        // Medians: baseline 200 rps and 50 µs; zklb 70 rps (0.35×) and 80 µs (1.60×).
+        assert!(
+            out.contains("| `native_random` | 200 | 1.00× | 1.00 | 1.00× | 2.00 | 1.00× | 50.0 | 1.00× | 0 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| `zklb` | 70 | 0.35× | 1.00 | 1.00× | 2.00 | 1.00× | 80.0 | 1.60× | 0 |"
+            ),
+            "{out}"
+        );
+        assert!(
+            !out.contains("noop_wasm"),
+            "a variant without rounds has no row"
+        );
+        assert!(out.contains("| 3 | `zklb` | 1000 | 70 |"), "{out}");
+    }
+
+    #[test]
+    fn a_file_without_the_marker_gets_the_default_intro() {
+        let spliced = splice(Some("# Something else\n"), "## Results\n");
+        assert!(spliced.starts_with(INTRO.trim_end()));
+        assert!(spliced.ends_with(&format!("{MARKER}\n\n## Results\n")));
+        assert_eq!(splice(None, "## Results\n"), spliced);
+    }
+}
