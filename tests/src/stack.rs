@@ -309,6 +309,11 @@ impl ControlPlane {
     pub fn log(&self) -> String {
         self.process.log()
     }
+
+    /// The control-plane process id, e.g. to read its memory and CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
 }
 
 pub struct Envoy {
@@ -324,7 +329,7 @@ impl Envoy {
         let listen_port = free_port();
         let admin_port = free_port();
         let config = render_envoy_config(listen_port, admin_port, control_plane.port);
-        Self::start_with_config(config, listen_port, admin_port, dir).await
+        Self::start_rendered(config, listen_port, admin_port, dir).await
     }
 
     /// Envoy with the filter whose control-plane cluster has a member for each of `ports` (the
@@ -356,25 +361,25 @@ impl Envoy {
             poller,
             &format!(r#"{poller}, "wait_seconds": {poll_wait_seconds}"#),
         );
-        Self::start_with_config(config, listen_port, admin_port, dir).await
+        Self::start_rendered(config, listen_port, admin_port, dir).await
     }
 
-    async fn start_with_config(
-        config: String,
+    /// Envoy on a configuration file of the caller's (already rendered, listening on
+    /// `listen_port` with its admin on `admin_port`) with `concurrency` workers, once live. The
+    /// benchmarks start their variants this way.
+    pub async fn start_with_config(
+        config_path: PathBuf,
         listen_port: u16,
         admin_port: u16,
+        concurrency: u32,
         dir: &Path,
     ) -> Envoy {
-        let config_path = dir.join("envoy.yaml");
-        std::fs::write(&config_path, config).expect("writing envoy.yaml");
         let mut command = Command::new(envoy_binary());
-        command.arg("-c").arg(&config_path).args([
-            "--concurrency",
-            "2",
-            "--use-dynamic-base-id",
-            "--log-level",
-            "info",
-        ]);
+        command
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--use-dynamic-base-id", "--log-level", "info"]);
         let envoy = Envoy {
             listen_port,
             admin_url: format!("http://127.0.0.1:{admin_port}"),
@@ -399,6 +404,23 @@ impl Envoy {
         })
         .await;
         envoy
+    }
+
+    /// Envoy with the filter and `config`, two worker threads.
+    async fn start_rendered(
+        config: String,
+        listen_port: u16,
+        admin_port: u16,
+        dir: &Path,
+    ) -> Envoy {
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, config).expect("writing envoy.yaml");
+        Self::start_with_config(config_path, listen_port, admin_port, 2, dir).await
+    }
+
+    /// The Envoy process id, e.g. to read its CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
     }
 
     /// `GET {path}` on the admin interface, as JSON.
@@ -747,61 +769,5 @@ impl Stack {
             }
         }
         counts
-    }
-}
-
-impl Envoy {
-    /// Envoy on a configuration file of the caller's (already rendered, listening on
-    /// `listen_port` with its admin on `admin_port`) with `concurrency` workers, once live. The
-    /// benchmarks start their variants this way.
-    pub async fn start_with_config(
-        config_path: PathBuf,
-        listen_port: u16,
-        admin_port: u16,
-        concurrency: u32,
-        dir: &Path,
-    ) -> Envoy {
-        let mut command = Command::new(envoy_binary());
-        command
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--concurrency", &concurrency.to_string()])
-            .args(["--use-dynamic-base-id", "--log-level", "info"]);
-        let envoy = Envoy {
-            listen_port,
-            admin_url: format!("http://127.0.0.1:{admin_port}"),
-            config_path,
-            process: Child::spawn("envoy", command, dir),
-        };
-        let http = reqwest::Client::new();
-        eventually(START_TIMEOUT, "Envoy is live", || async {
-            let body = http
-                .get(format!("{}/ready", envoy.admin_url))
-                .send()
-                .await
-                .map_err(|error| error.to_string())?
-                .text()
-                .await
-                .map_err(|error| error.to_string())?;
-            if body.trim() == "LIVE" {
-                Ok(())
-            } else {
-                Err(format!("/ready says {body:?}"))
-            }
-        })
-        .await;
-        envoy
-    }
-
-    /// The Envoy process id, e.g. to read its CPU time from `/proc`.
-    pub fn pid(&self) -> u32 {
-        self.process.id()
-    }
-}
-
-impl ControlPlane {
-    /// The control-plane process id, e.g. to read its memory and CPU time from `/proc`.
-    pub fn pid(&self) -> u32 {
-        self.process.id()
     }
 }
