@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
-use zklb_wire::{ErrorBody, Freshness, ServiceList, Version};
+use zklb_wire::{ErrorBody, Freshness, ServiceChanges, ServiceList, Version};
 
 use crate::snapshot::{Channels, Health, Snapshot};
 use crate::xds::{TypeStats, XdsStats};
@@ -35,6 +35,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/services", get(list_services))
+        .route("/v1/changes", get(list_changes))
         .route("/v1/services/{name}", get(get_service))
         .route("/healthz", get(get_health))
         .route("/readyz", get(get_readiness))
@@ -127,14 +128,45 @@ async fn list_services(
     State(state): State<AppState>,
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let list = |snapshot: &Snapshot| {
-        let freshness = state.freshness();
-        let list = ServiceList {
+    poll(&state, query, |snapshot, freshness, _| {
+        Json(ServiceList {
             set: snapshot.services.clone(),
-            freshness: freshness.clone(),
-        };
-        with_freshness(&freshness, Json(list).into_response())
+            freshness,
+        })
+        .into_response()
+    })
+    .await
+}
+
+/// Like [`list_services`], with only what changed since `after`: what the filter follows.
+async fn list_changes(
+    State(state): State<AppState>,
+    query: Result<Query<PollQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    poll(&state, query, |snapshot, freshness, after| {
+        Json(ServiceChanges {
+            freshness,
+            ..snapshot.changes_since(after)
+        })
+        .into_response()
+    })
+    .await
+}
+
+/// Answers with `respond` at once without `after`, or once the registry is newer than `after`
+/// (304 after `wait`); in both cases only once the asking filter's Envoy has taken that registry.
+async fn poll(
+    state: &AppState,
+    query: Result<Query<PollQuery>, QueryRejection>,
+    respond: impl FnOnce(&Snapshot, Freshness, Option<Version>) -> Response,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let answer = |snapshot: &Snapshot| {
+        let freshness = state.freshness();
+        with_freshness(
+            &freshness.clone(),
+            respond(snapshot, freshness, query.after),
+        )
     };
     let acknowledged = |snapshot: Arc<Snapshot>| async {
         if let Some(node) = &query.node {
@@ -145,7 +177,7 @@ async fn list_services(
     };
     let Some(after) = query.after else {
         let snapshot = acknowledged(state.synced_snapshot()?).await;
-        return Ok(list(&snapshot));
+        return Ok(answer(&snapshot));
     };
     let wait = Duration::from_secs(query.wait.unwrap_or(state.max_hold.as_secs()));
     let newer = async {
@@ -154,7 +186,7 @@ async fn list_services(
             .await?;
         Some(acknowledged(snapshot).await)
     };
-    Ok(respond_or_not_modified(newer, list).await)
+    Ok(respond_or_not_modified(newer, answer).await)
 }
 
 /// Adds the freshness headers, so that a consumer that reads only headers sees it too.
@@ -384,8 +416,8 @@ mod tests {
                 version,
                 services: BTreeMap::from([("echo".to_string(), service)]),
             },
-            clusters_version: 2,
             synced: true,
+            ..Snapshot::default()
         })
     }
 
@@ -522,6 +554,48 @@ mod tests {
         assert_eq!(
             (status, body["version"].as_i64()),
             (StatusCode::OK, Some(7))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_carry_only_what_moved_since_the_version_held() {
+        let (app, publishers, _stop) = app();
+        let first = Snapshot::default().succeeded_by(snapshot(7, &[8001]).services.clone());
+        publishers.snapshots.send_replace(Arc::new(first.clone()));
+        let (status, body) = get(&app, "/v1/changes").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (body["full"].as_bool(), body["version"].as_i64()),
+            (Some(true), Some(7))
+        );
+        assert!(body["services"]["echo"].is_object());
+
+        let mut services = snapshot(9, &[8001, 8002]).services.clone();
+        let other = Service {
+            name: "other".into(),
+            version: 3,
+            instances: vec![],
+        };
+        services.services.insert("other".into(), other);
+        publishers
+            .snapshots
+            .send_replace(Arc::new(first.succeeded_by(services)));
+        let (status, body) = get(&app, "/v1/changes?after=7&wait=5").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["full"], false);
+        assert_eq!(body["version"], 9);
+        let changed: Vec<&String> = body["services"]
+            .as_object()
+            .expect("services")
+            .keys()
+            .collect();
+        assert_eq!(changed, ["echo"], "other did not move since 7");
+        let (status, _) = get(&app, "/v1/changes?after=9&wait=5").await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        let (_, body) = get(&app, "/v1/changes?after=2&wait=5").await;
+        assert_eq!(
+            body["full"], true,
+            "2 is older than this process's first registry"
         );
     }
 

@@ -1,31 +1,101 @@
 //! What the watcher publishes and every HTTP and xDS handler reads.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use zklb_wire::{Freshness, ServiceSet, Version};
+use zklb_wire::{Freshness, ServiceChanges, ServiceSet, Version};
 
-use crate::registry::{DecodeStats, Registry};
+use crate::registry::DecodeStats;
 
 /// The registry as last read from ZooKeeper. Only the watcher writes one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub services: ServiceSet,
-    /// Version of the set of service names, which is all that Envoy's cluster list depends on.
-    pub clusters_version: Version,
     /// False only for the placeholder before ZooKeeper was first read: its empty list says
     /// nothing about the registry and must never reach Envoy or the filter, where it would
     /// remove every service.
     pub synced: bool,
+    /// The services this process saw disappear, with the registry version it saw them gone at
+    /// (no older than their removal), so that a client can be told what it must drop.
+    pub removed: BTreeMap<String, Version>,
+    /// The oldest version that changes can be counted from: this process's first registry, or
+    /// later once old removals are forgotten. A client behind it gets the whole registry.
+    pub horizon: Version,
 }
 
+/// Removals remembered for clients that lag; the oldest beyond this are forgotten (and the
+/// horizon moves past them), so that churn of service names cannot grow memory for ever.
+const MAX_REMOVALS: usize = 10_000;
+
 impl Snapshot {
-    pub fn of(registry: &Registry) -> Snapshot {
+    /// The snapshot that follows this one when the registry reads `services`.
+    pub fn succeeded_by(&self, services: ServiceSet) -> Snapshot {
+        self.succeeded_within(services, MAX_REMOVALS)
+    }
+
+    fn succeeded_within(&self, services: ServiceSet, max_removals: usize) -> Snapshot {
+        if !self.synced {
+            return Snapshot {
+                horizon: services.version,
+                services,
+                synced: true,
+                removed: BTreeMap::new(),
+            };
+        }
+        let mut removed = self.removed.clone();
+        for name in self.services.services.keys() {
+            if !services.services.contains_key(name) {
+                removed.insert(name.clone(), services.version);
+            }
+        }
+        removed.retain(|name, _| !services.services.contains_key(name));
+        let mut horizon = self.horizon;
+        while removed.len() > max_removals {
+            let Some(oldest) = removed.values().min().copied() else {
+                break;
+            };
+            removed.retain(|_, at| *at > oldest);
+            horizon = horizon.max(oldest);
+        }
         Snapshot {
-            services: registry.to_service_set(),
-            clusters_version: registry.services_pzxid,
+            services,
             synced: true,
+            removed,
+            horizon,
+        }
+    }
+
+    /// What changed since `after`: the services whose version moved and those removed, or the
+    /// whole registry when there is no `after` or it is older than the horizon.
+    pub fn changes_since(&self, after: Option<Version>) -> ServiceChanges {
+        let set = &self.services;
+        match after {
+            Some(after) if after >= self.horizon => ServiceChanges {
+                version: set.version,
+                full: false,
+                services: set
+                    .services
+                    .iter()
+                    .filter(|(_, service)| service.version > after)
+                    .map(|(name, service)| (name.clone(), service.clone()))
+                    .collect(),
+                removed: self
+                    .removed
+                    .iter()
+                    .filter(|(_, &at)| at > after)
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                freshness: Freshness::default(),
+            },
+            _ => ServiceChanges {
+                version: set.version,
+                full: true,
+                services: set.services.clone(),
+                removed: Vec::new(),
+                freshness: Freshness::default(),
+            },
         }
     }
 }
@@ -129,4 +199,82 @@ pub fn channels() -> (Publishers, Channels) {
             stats,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zklb_wire::Service;
+
+    fn set(services: &[(&str, Version)]) -> ServiceSet {
+        let services: BTreeMap<String, Service> = services
+            .iter()
+            .map(|&(name, version)| {
+                let service = Service {
+                    name: name.into(),
+                    version,
+                    instances: vec![],
+                };
+                (name.to_string(), service)
+            })
+            .collect();
+        let version = services.values().map(|s| s.version).max().unwrap_or(0);
+        ServiceSet { version, services }
+    }
+
+    fn names(changes: &ServiceChanges) -> Vec<&str> {
+        changes.services.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn changes_since_a_version_are_the_services_that_moved_and_those_removed() {
+        let first = Snapshot::default().succeeded_by(set(&[("a", 3), ("b", 4), ("c", 5)]));
+        assert_eq!(first.horizon, 5);
+        let second = first.succeeded_by(set(&[("a", 3), ("b", 8)]));
+        let third = second.succeeded_by(set(&[("a", 3), ("b", 8), ("d", 9)]));
+        let since_five = third.changes_since(Some(5));
+        assert!(!since_five.full);
+        assert_eq!(names(&since_five), ["b", "d"]);
+        assert_eq!(since_five.removed, ["c"]);
+        let since_eight = third.changes_since(Some(8));
+        assert_eq!(names(&since_eight), ["d"]);
+        assert!(since_eight.removed.is_empty(), "c was gone before 8");
+        assert_eq!(third.changes_since(Some(9)).services.len(), 0);
+    }
+
+    #[test]
+    fn a_client_behind_the_horizon_or_without_a_version_gets_everything() {
+        let first = Snapshot::default().succeeded_by(set(&[("a", 3), ("b", 7)]));
+        for after in [None, Some(6)] {
+            let changes = first.changes_since(after);
+            assert!(changes.full, "{after:?}");
+            assert_eq!(names(&changes), ["a", "b"]);
+        }
+    }
+
+    #[test]
+    fn a_service_that_returns_is_no_longer_removed() {
+        let first = Snapshot::default().succeeded_by(set(&[("a", 3), ("b", 4)]));
+        let second = first.succeeded_by(set(&[("a", 3)]));
+        let third = second.succeeded_by(set(&[("a", 3), ("b", 9)]));
+        let changes = third.changes_since(Some(4));
+        assert_eq!(names(&changes), ["b"]);
+        assert!(changes.removed.is_empty());
+    }
+
+    #[test]
+    fn forgotten_removals_move_the_horizon() {
+        let all = [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)];
+        let mut snapshot = Snapshot::default().succeeded_by(set(&all));
+        for remaining in (0..all.len()).rev() {
+            let mut services = set(&all[..remaining]);
+            services.version = 20 - remaining as Version;
+            snapshot = snapshot.succeeded_within(services, 3);
+        }
+        assert_eq!(snapshot.removed.len(), 3);
+        // e and d went at 16 and 17 and are forgotten; c, b and a went at 18, 19 and 20.
+        assert_eq!(snapshot.horizon, 17);
+        assert!(snapshot.changes_since(Some(16)).full);
+        assert_eq!(snapshot.changes_since(Some(17)).removed, ["a", "b", "c"]);
+    }
 }

@@ -13,7 +13,7 @@ use zookeeper_client::{
 };
 
 use crate::registry::{DecodeStats, Registry, ServiceRead, Znode};
-use crate::snapshot::{Health, Publishers, Snapshot};
+use crate::snapshot::{Health, Publishers};
 
 /// Where the registry lives and how to reach it.
 #[derive(Debug, Clone)]
@@ -466,17 +466,17 @@ fn node(
 }
 
 fn publish(registry: &Registry, publishers: &Publishers) {
-    let snapshot = Snapshot::of(registry);
+    let services = registry.to_service_set();
     publishers.snapshots.send_if_modified(|current| {
-        if **current == snapshot {
+        if current.synced && current.services == services {
             return false;
         }
         tracing::info!(
-            version = snapshot.services.version,
-            services = snapshot.services.services.len(),
+            version = services.version,
+            services = services.services.len(),
             "publishing registry"
         );
-        *current = Arc::new(snapshot);
+        *current = Arc::new(current.succeeded_by(services));
         true
     });
 }

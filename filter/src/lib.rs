@@ -13,6 +13,7 @@
 pub mod balancer;
 pub mod config;
 pub mod plan;
+pub mod shared;
 pub mod table;
 
 mod poller;
@@ -22,12 +23,6 @@ use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 
 use crate::config::PluginConfig;
-
-/// Shared-data key holding the control plane's last `ServiceSet` JSON.
-const SERVICES_KEY: &str = "zklb.services";
-/// Shared-data key holding that list's version, so workers can notice a change without copying
-/// the whole list.
-const SERVICES_VERSION_KEY: &str = "zklb.services.version";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);

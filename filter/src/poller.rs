@@ -4,10 +4,10 @@
 use std::time::{Duration, SystemTime};
 
 use proxy_wasm::hostcalls;
-use zklb_wire::{ServiceSet, Version};
+use zklb_wire::{ServiceChanges, Version};
 
 use crate::config::PollerConfig;
-use crate::{SERVICES_KEY, SERVICES_VERSION_KEY};
+use crate::shared::{service_key, Index, Publication, INDEX_KEY, VERSION_KEY};
 
 /// Extra time Envoy gives a poll beyond the control plane's hold, so that a held poll ends with
 /// the control plane's answer rather than a local timeout.
@@ -17,6 +17,8 @@ pub struct Poller {
     config: PollerConfig,
     /// The version last published, sent back so the control plane holds the poll until a change.
     published: Option<Version>,
+    /// What has been published, service by service.
+    index: Index,
     in_flight: bool,
     /// After a failed poll, no new one starts before this instant.
     next_attempt: Option<SystemTime>,
@@ -35,6 +37,7 @@ impl Poller {
         let mut poller = Poller {
             config,
             published: None,
+            index: Index::default(),
             in_flight: false,
             next_attempt: None,
             node: node_id(),
@@ -119,37 +122,54 @@ impl Poller {
         }
     }
 
-    /// Publishes a list that parses, and keeps the last good one otherwise.
+    /// Publishes what changed, if the answer parses; keeps the last good list otherwise.
     fn publish(&mut self, body: &[u8]) -> bool {
-        let set: ServiceSet = match serde_json::from_slice(body) {
-            Ok(set) => set,
+        let changes: ServiceChanges = match serde_json::from_slice(body) {
+            Ok(changes) => changes,
             Err(error) => {
                 log::error!("zklb poller: ignoring a service list that does not parse: {error}");
                 return false;
             }
         };
-        let version = set.version.to_string();
-        let stored = hostcalls::set_shared_data(SERVICES_KEY, Some(body), None).and_then(|()| {
-            hostcalls::set_shared_data(SERVICES_VERSION_KEY, Some(version.as_bytes()), None)
-        });
-        if let Err(status) = stored {
+        let publication = self.index.apply(&changes);
+        if let Err(status) = store(&publication) {
             log::error!("zklb poller: cannot store the service list: {status:?}");
+            // What workers can read no longer matches the index: start over from a full list.
+            self.index = Index::default();
+            self.published = None;
             return false;
         }
-        if self.published != Some(set.version) {
+        if self.published != Some(changes.version) {
             log::info!(
-                "zklb poller: published version {} ({} services)",
-                set.version,
-                set.services.len()
+                "zklb poller: published version {} ({} services, {} changed, {} removed)",
+                changes.version,
+                self.index.services.len(),
+                publication.services.len(),
+                publication.cleared.len()
             );
         }
-        self.published = Some(set.version);
+        self.published = Some(changes.version);
         true
     }
 
     fn back_off(&mut self) {
         self.next_attempt = Some(now() + self.config.retry_interval);
     }
+}
+
+/// Writes the services first and the index's version last, so that a worker that sees the new
+/// version finds every service it names.
+fn store(publication: &Publication) -> Result<(), proxy_wasm::types::Status> {
+    for (name, json) in &publication.services {
+        hostcalls::set_shared_data(&service_key(name), Some(json), None)?;
+    }
+    for name in &publication.cleared {
+        // Shared data cannot forget a key; an empty value frees what the service held.
+        hostcalls::set_shared_data(&service_key(name), Some(&[]), None)?;
+    }
+    hostcalls::set_shared_data(INDEX_KEY, Some(&publication.index), None)?;
+    let version = publication.version.to_string();
+    hostcalls::set_shared_data(VERSION_KEY, Some(version.as_bytes()), None)
 }
 
 /// This Envoy's node id (Envoy's `xds.node` attribute).
@@ -163,8 +183,8 @@ fn node_id() -> Option<String> {
 /// The list request: the whole list at first, then a long-poll for the next version.
 fn poll_path(published: Option<Version>, wait: Duration, node: Option<&str>) -> String {
     let mut path = match published {
-        Some(version) => format!("/v1/services?after={version}&wait={}", wait.as_secs()),
-        None => "/v1/services".to_string(),
+        Some(version) => format!("/v1/changes?after={version}&wait={}", wait.as_secs()),
+        None => "/v1/changes".to_string(),
     };
     if let Some(node) = node {
         path.push(if published.is_some() { '&' } else { '?' });
@@ -204,14 +224,14 @@ mod tests {
     #[test]
     fn polls_name_the_version_held_and_the_node() {
         let wait = Duration::from_secs(30);
-        assert_eq!(poll_path(None, wait, None), "/v1/services");
+        assert_eq!(poll_path(None, wait, None), "/v1/changes");
         assert_eq!(
             poll_path(None, wait, Some("envoy-1")),
-            "/v1/services?node=envoy-1"
+            "/v1/changes?node=envoy-1"
         );
         assert_eq!(
             poll_path(Some(42), wait, Some("pod a/b&c")),
-            "/v1/services?after=42&wait=30&node=pod%20a%2Fb%26c"
+            "/v1/changes?after=42&wait=30&node=pod%20a%2Fb%26c"
         );
     }
 }

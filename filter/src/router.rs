@@ -1,6 +1,7 @@
 //! The HTTP filter: per request, the service and its ordered candidate hosts.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -8,12 +9,12 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use zklb_wire::{ErrorBody, ServiceSet};
+use zklb_wire::{ErrorBody, Service, Version};
 
 use crate::config::RouterConfig;
 use crate::plan::plan_request;
+use crate::shared::{service_key, Index, INDEX_KEY, VERSION_KEY};
 use crate::table::ServiceTable;
-use crate::{SERVICES_KEY, SERVICES_VERSION_KEY};
 
 /// One per worker: that worker's copy of the service table, shared by its requests.
 pub struct RouterRoot {
@@ -22,34 +23,69 @@ pub struct RouterRoot {
     rng: Rc<RefCell<SmallRng>>,
 }
 
-/// The worker's service table and the shared-data version it was loaded from.
+/// The worker's service table, the versions of its services, and the shared-data version it
+/// was loaded from.
 #[derive(Default)]
 struct LoadedTable {
-    table: Option<ServiceTable>,
+    table: ServiceTable,
+    services: BTreeMap<String, Version>,
+    /// `None` until the poller's first list is loaded.
     version: Option<Vec<u8>>,
 }
 
 impl LoadedTable {
-    /// Loads the poller's list if its version moved. Checked on every request: one small
+    /// Loads what moved if the poller's version did. Checked on every request: one small
     /// shared-data read, so that a worker routes by a new list as soon as the poller has it,
-    /// not on a timer.
+    /// not on a timer; then only the services whose version moved are read and parsed.
     fn refresh(&mut self) {
-        let Ok((Some(version), _)) = hostcalls::get_shared_data(SERVICES_VERSION_KEY) else {
+        let Ok((Some(version), _)) = hostcalls::get_shared_data(VERSION_KEY) else {
             return;
         };
         if self.version.as_ref() == Some(&version) {
             return;
         }
-        let Ok((Some(body), _)) = hostcalls::get_shared_data(SERVICES_KEY) else {
+        let Ok((Some(index), _)) = hostcalls::get_shared_data(INDEX_KEY) else {
             return;
         };
-        match serde_json::from_slice::<ServiceSet>(&body) {
-            Ok(set) => {
-                self.table = Some(ServiceTable::from_service_set(&set));
-                self.version = Some(version);
+        let index: Index = match serde_json::from_slice(&index) {
+            Ok(index) => index,
+            Err(error) => {
+                log::error!("zklb router: the shared service index does not parse: {error}");
+                return;
             }
-            Err(error) => log::error!("zklb router: shared service list does not parse: {error}"),
+        };
+        let (load, drop) = index.diff(&self.services);
+        for name in drop {
+            self.table.remove(&name);
+            self.services.remove(&name);
         }
+        for name in load {
+            let Ok((Some(json), _)) = hostcalls::get_shared_data(&service_key(&name)) else {
+                continue;
+            };
+            match serde_json::from_slice::<Service>(&json) {
+                Ok(service) if service.name == name => {
+                    self.table.upsert(&service);
+                    if let Some(&version) = index.services.get(&name) {
+                        self.services.insert(name, version);
+                    }
+                }
+                Ok(service) => log::error!(
+                    "zklb router: shared entry of {name:?} holds service {:?}",
+                    service.name
+                ),
+                // Not recorded as loaded, so it is read again with the next version.
+                Err(error) => {
+                    log::error!("zklb router: shared service {name:?} does not parse: {error}")
+                }
+            }
+        }
+        self.version = Some(version);
+    }
+
+    /// The table, once a list has been loaded.
+    fn loaded(&self) -> Option<&ServiceTable> {
+        self.version.as_ref().map(|_| &self.table)
     }
 }
 
@@ -104,7 +140,7 @@ impl HttpContext for Request {
             .unwrap_or_default();
         self.table.borrow_mut().refresh();
         let planned = plan_request(
-            self.table.borrow().table.as_ref(),
+            self.table.borrow().loaded(),
             &authority,
             self.config.candidates,
             &mut *self.rng.borrow_mut(),

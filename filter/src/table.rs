@@ -1,14 +1,16 @@
 //! The filter's view of the services: which request goes to which service, and its hosts.
+//! Kept up to date one service at a time, so that a change costs what it touches.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use zklb_wire::ServiceSet;
+use zklb_wire::Service;
 
-/// The routable hosts of every service, keyed by lower-case service name.
+/// The routable hosts of every service, by lower-case service name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceTable {
-    services: HashMap<String, ServiceRoute>,
+    /// Host names ignore case, ZooKeeper does not: every service whose name lower-cases to the
+    /// key, by exact name. Only the first in that order is reached, always the same one.
+    services: HashMap<String, BTreeMap<String, ServiceRoute>>,
 }
 
 /// Where the requests of one service go.
@@ -30,46 +32,56 @@ pub enum Lookup<'a> {
 }
 
 impl ServiceTable {
-    pub fn from_service_set(set: &ServiceSet) -> ServiceTable {
-        let mut services = HashMap::with_capacity(set.services.len());
-        // The control plane checks names too; the filter does not trust what crosses a network
-        // with the values of its routing headers.
-        let valid = set
+    /// Adds or replaces `service`. A name the filter cannot route by is ignored: the control
+    /// plane checks names too, but the filter does not trust what crosses a network with the
+    /// values of its routing headers.
+    pub fn upsert(&mut self, service: &Service) {
+        if !zklb_wire::is_valid_service_name(&service.name) {
+            log::warn!("zklb: ignoring service {:?}: unusable name", service.name);
+            return;
+        }
+        let route = ServiceRoute {
+            name: service.name.clone(),
+            cluster: zklb_wire::cluster_name(&service.name),
+            hosts: service
+                .routable_instances()
+                .into_iter()
+                .map(|instance| instance.host())
+                .collect(),
+        };
+        let alike = self
             .services
-            .values()
-            .filter(|service| zklb_wire::is_valid_service_name(&service.name));
-        for service in valid {
-            let route = ServiceRoute {
-                name: service.name.clone(),
-                cluster: zklb_wire::cluster_name(&service.name),
-                hosts: service
-                    .routable_instances()
-                    .into_iter()
-                    .map(|instance| instance.host())
-                    .collect(),
-            };
-            match services.entry(service.name.to_ascii_lowercase()) {
-                Entry::Vacant(entry) => {
-                    entry.insert(route);
-                }
-                // Host names ignore case, so only one of these services can be reached; the
-                // list is sorted, so it is always the same one.
-                Entry::Occupied(entry) => log::warn!(
-                    "zklb: services {:?} and {:?} differ only in case; requests go to {:?}",
-                    entry.get().name,
-                    service.name,
-                    entry.get().name
-                ),
+            .entry(service.name.to_ascii_lowercase())
+            .or_default();
+        alike.insert(service.name.clone(), route);
+        if alike.len() > 1 {
+            let names: Vec<&String> = alike.keys().collect();
+            log::warn!(
+                "zklb: services {names:?} differ only in case; requests go to {:?}",
+                names[0]
+            );
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        let key = name.to_ascii_lowercase();
+        if let Some(alike) = self.services.get_mut(&key) {
+            alike.remove(name);
+            if alike.is_empty() {
+                self.services.remove(&key);
             }
         }
-        ServiceTable { services }
     }
 
     /// Maps a request to its service by the `Host` header (`:authority`): the host name without
     /// its port names the service, compared case-insensitively.
     pub fn lookup(&self, authority: &str) -> Lookup<'_> {
         let host = strip_port(authority).to_ascii_lowercase();
-        match self.services.get(&host) {
+        match self
+            .services
+            .get(&host)
+            .and_then(|alike| alike.values().next())
+        {
             Some(route) => Lookup::Found(route),
             None => Lookup::Unknown(host),
         }
@@ -86,9 +98,21 @@ fn strip_port(authority: &str) -> &str {
 }
 
 #[cfg(test)]
+impl ServiceTable {
+    pub fn from_service_set(set: &zklb_wire::ServiceSet) -> ServiceTable {
+        let mut table = ServiceTable::default();
+        for service in set.services.values() {
+            table.upsert(service);
+        }
+        table
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use zklb_wire::ServiceSet;
     use zklb_wire::{Instance, Service, SourceFormat, Status};
 
     fn instance(address: &str, port: u16, status: Status) -> Instance {
@@ -180,6 +204,28 @@ mod tests {
             panic!("echo must exist");
         };
         assert_eq!(route.hosts, ["127.0.0.1:8001", "127.0.0.1:8002"]);
+    }
+
+    #[test]
+    fn services_come_and_go_one_at_a_time() {
+        let mut table = table();
+        let other = Service {
+            name: "ECHO".into(),
+            version: 1,
+            instances: vec![instance("127.0.0.1", 9001, Status::Up)],
+        };
+        table.upsert(&other);
+        let Lookup::Found(route) = table.lookup("echo") else {
+            panic!("echo must exist");
+        };
+        assert_eq!(route.name, "ECHO", "the first by exact name is reached");
+        table.remove("ECHO");
+        let Lookup::Found(route) = table.lookup("echo") else {
+            panic!("Echo must remain");
+        };
+        assert_eq!(route.name, "Echo");
+        table.remove("Echo");
+        assert_eq!(table.lookup("echo"), Lookup::Unknown("echo".into()));
     }
 
     #[test]

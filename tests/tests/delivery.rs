@@ -203,6 +203,28 @@ async fn a_thousand_services_reach_envoy_and_one_change_resends_only_its_members
         endpoints_sent, 1.0,
         "more than the changed service's members were sent"
     );
+
+    // The filter's poller got, and shared with the workers, that one service alone.
+    let published = eventually(
+        Duration::from_secs(10),
+        "the filter publishes the change",
+        || async {
+            let log = stack.envoy.log();
+            let last = log
+                .lines()
+                .filter(|line| line.contains("published version"))
+                .next_back()
+                .unwrap_or_default()
+                .to_string();
+            if last.contains("1000 services, 1 changed, 0 removed") {
+                Ok(last)
+            } else {
+                Err(last)
+            }
+        },
+    )
+    .await;
+    println!("{published}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -199,6 +199,23 @@ pub struct ServiceList {
     pub freshness: Freshness,
 }
 
+/// `GET /v1/changes?after=V`: what changed in the registry since version `V`, so that a client
+/// that holds `V` gets only the services whose version moved and the names of those removed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceChanges {
+    pub version: Version,
+    /// True when this is the whole registry (no `after`, or one older than this control plane
+    /// can answer from): every service not listed is gone.
+    pub full: bool,
+    /// The services added or changed since `after` (every service when `full`).
+    pub services: BTreeMap<String, Service>,
+    /// The services removed since `after`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    #[serde(flatten)]
+    pub freshness: Freshness,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

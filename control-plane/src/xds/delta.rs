@@ -258,8 +258,8 @@ mod tests {
         let version = services.values().map(|s| s.version).max().unwrap_or(0);
         let snapshot = Snapshot {
             services: ServiceSet { version, services },
-            clusters_version: 1,
             synced: true,
+            ..Snapshot::default()
         };
         XdsResources::default().update(&snapshot, &ClusterSettingsTable::default())
     }
