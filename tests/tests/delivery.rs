@@ -212,8 +212,7 @@ async fn a_thousand_services_reach_envoy_and_one_change_resends_only_its_members
             let log = stack.envoy.log();
             let last = log
                 .lines()
-                .filter(|line| line.contains("published version"))
-                .next_back()
+                .rfind(|line| line.contains("published version"))
                 .unwrap_or_default()
                 .to_string();
             if last.contains("1000 services, 1 changed, 0 removed") {
