@@ -43,6 +43,11 @@ pub struct Config {
     /// `/readyz` answers 503, in seconds. The lists keep being served meanwhile.
     #[arg(long, env = "ZKLB_MAX_STALE_SECONDS", default_value_t = 120)]
     pub max_stale_seconds: u64,
+    /// Right after (re)connecting to ZooKeeper, a registry that lost at least this percentage
+    /// of all instances is held back (the last one is served, marked stale) for twice the
+    /// session timeout, and published only if the loss lasts. 0 turns this off.
+    #[arg(long, env = "ZKLB_DROP_PROTECTION_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub drop_protection_percent: u8,
     /// JSON file with the settings of the generated Envoy clusters: `{"defaults": {...},
     /// "services": {"<name>": {...}}}` (see the README). Built-in defaults without it.
     #[arg(long, env = "ZKLB_CLUSTER_SETTINGS")]
@@ -67,6 +72,7 @@ impl Config {
             connect: self.zookeeper.clone(),
             root: self.root.clone(),
             session_timeout: Duration::from_millis(self.session_timeout_ms),
+            drop_protection: f64::from(self.drop_protection_percent) / 100.0,
         }
     }
 }

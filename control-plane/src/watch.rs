@@ -23,6 +23,9 @@ pub struct WatchConfig {
     /// The znode whose children are services.
     pub root: String,
     pub session_timeout: Duration,
+    /// The share of all instances (0 to 1; 0 turns it off) whose sudden disappearance right
+    /// after a (re)connection is held back rather than published.
+    pub drop_protection: f64,
 }
 
 #[derive(Debug, Error)]
@@ -73,6 +76,10 @@ struct Session<'a> {
     listings: BTreeMap<String, Vec<String>>,
     /// Root children already reported as unusable service names, so each is logged once.
     rejected_names: BTreeSet<String>,
+    /// Until when the session counts as just (re)connected, when a sudden drop of instances is
+    /// more likely a ZooKeeper mishap (lost data, a replaced ensemble, registrars' sessions
+    /// expired by the same outage and about to come back) than a fleet going away.
+    settling_until: Instant,
 }
 
 /// What a batch of events asks to re-read. The root's children are read every time.
@@ -149,6 +156,7 @@ impl<'a> Session<'a> {
             registry: Registry::default(),
             listings: BTreeMap::new(),
             rejected_names: BTreeSet::new(),
+            settling_until: Instant::now(),
         })
     }
 
@@ -157,6 +165,10 @@ impl<'a> Session<'a> {
             everything: true,
             ..Changes::default()
         };
+        // A new session after one that served a registry is a reconnection too.
+        if publishers.snapshots.borrow().synced {
+            self.settling_until = Instant::now() + self.settling_time();
+        }
         'batches: loop {
             if changes.disconnected {
                 publishers.health.send_modify(Health::lost);
@@ -164,6 +176,7 @@ impl<'a> Session<'a> {
                 continue;
             }
             if changes.reconnected {
+                self.settling_until = Instant::now() + self.settling_time();
                 if let Err(error) = self.rewatch().await {
                     changes = Changes::after(error)?;
                     continue;
@@ -213,21 +226,70 @@ impl<'a> Session<'a> {
                 reading.extend(unsettled);
                 reading.extend(outside);
             }
+            let mut held_until = None;
             if consistent {
-                publish(&self.registry, publishers);
-                publishers.health.send_modify(Health::read_now);
+                held_until = self.hold_sudden_drop(publishers);
+                if held_until.is_none() {
+                    publish(&self.registry, publishers);
+                    publishers.health.send_modify(Health::read_now);
+                }
             } else {
                 // Publishing now could mix moments of the tree; keep serving the last snapshot
                 // and read on.
                 tracing::debug!("the registry kept changing while it was read; reading again");
                 later.services.extend(reading);
             }
-            changes = if later.is_empty() {
-                self.next_changes().await?
-            } else {
-                later
+            changes = match (later.is_empty(), held_until) {
+                (false, _) => later,
+                (true, None) => self.next_changes().await?,
+                // A held drop is read again when the hold ends, whatever happens meanwhile.
+                (true, Some(until)) => {
+                    timeout_at(until, self.next_changes())
+                        .await
+                        .unwrap_or(Ok(Changes {
+                            everything: true,
+                            ..Changes::default()
+                        }))?
+                }
             };
         }
+    }
+
+    /// How long a (re)connected session counts as settling: twice the session timeout, time
+    /// for registrars whose sessions the same outage touched to reconnect or register again.
+    fn settling_time(&self) -> Duration {
+        self.config.session_timeout * 2
+    }
+
+    /// Holds back a registry that lost a large share of the published instances while the
+    /// session is settling, and says so in health; returns when the hold ends.
+    fn hold_sudden_drop(&self, publishers: &Publishers) -> Option<Instant> {
+        let now = Instant::now();
+        if now >= self.settling_until {
+            return None;
+        }
+        let before = {
+            let published = publishers.snapshots.borrow();
+            if !published.synced {
+                return None;
+            }
+            instance_count(&published.services.services)
+        };
+        let after = instance_count(&self.registry.services);
+        if !is_sudden_drop(before, after, self.config.drop_protection) {
+            return None;
+        }
+        let remaining = (self.settling_until - now).as_secs_f64().ceil();
+        let problem = format!(
+            "holding the last registry: instances fell from {before} to {after} right after connecting to ZooKeeper; publishing the drop if it lasts {remaining} s more"
+        );
+        if publishers.health.borrow().problem.as_ref() != Some(&problem) {
+            tracing::warn!(before, after, "{problem}");
+            publishers
+                .health
+                .send_modify(|health| health.unreadable(problem));
+        }
+        Some(self.settling_until)
     }
 
     /// A missing root is a misconfiguration (a typo in `--root`, a chroot that differs) or an
@@ -436,6 +498,18 @@ impl<'a> Session<'a> {
     }
 }
 
+fn instance_count(services: &BTreeMap<String, zklb_wire::Service>) -> usize {
+    services
+        .values()
+        .map(|service| service.instances.len())
+        .sum()
+}
+
+/// Whether going from `before` to `after` instances loses at least `share` of them.
+fn is_sudden_drop(before: usize, after: usize, share: f64) -> bool {
+    share > 0.0 && before > 0 && after < before && (before - after) as f64 >= share * before as f64
+}
+
 /// A node's stat and children from a multi-read's `get_data` and `get_children` results, or
 /// `None` if the node does not exist.
 fn node(
@@ -547,6 +621,17 @@ mod tests {
             classify("/", "/echo/a1"),
             Some(Target::Service("echo".into()))
         );
+    }
+
+    #[test]
+    fn a_sudden_drop_is_a_large_enough_share_of_all_instances() {
+        assert!(is_sudden_drop(4, 1, 0.5));
+        assert!(is_sudden_drop(4, 2, 0.5));
+        assert!(!is_sudden_drop(4, 3, 0.5));
+        assert!(is_sudden_drop(1, 0, 0.5));
+        assert!(!is_sudden_drop(0, 0, 0.5), "nothing to lose");
+        assert!(!is_sudden_drop(4, 6, 0.5), "a rise");
+        assert!(!is_sudden_drop(100, 0, 0.0), "turned off");
     }
 
     #[test]

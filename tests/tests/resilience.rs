@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use zklb_tests::proxy::Relay;
 use zklb_tests::stack::SESSION_TIMEOUT;
-use zklb_tests::{eventually, Backend, Stack};
+use zklb_tests::{eventually, Backend, ControlPlane, Stack, ZooKeeper};
+use zookeeper_client::{Acls, CreateMode};
 
 async fn echo_with_two_backends() -> (Stack, [Backend; 2]) {
     let stack = Stack::start().await;
@@ -150,4 +152,88 @@ async fn an_expired_session_is_replaced_and_the_registry_followed_again() {
         .await;
     let _b3 = stack.backend("echo", "b3").await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+}
+
+/// Instances that vanish while the control plane is cut off from ZooKeeper are, on reconnection,
+/// more likely a ZooKeeper mishap than a fleet going away: a large drop is held back for twice
+/// the session timeout, then published if it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sudden_drop_after_reconnecting_is_held_back_then_published_if_it_lasts() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let relay = Relay::start(zookeeper.connect.parse().expect("a socket address")).await;
+    let registrar = zookeeper.client().await;
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    registrar
+        .mkdir("/services/orders", &persistent)
+        .await
+        .expect("creating the service");
+    for port in 9001..=9004 {
+        let instance = format!(r#"{{"id": "i{port}", "address": "127.0.0.1", "port": {port}}}"#);
+        registrar
+            .create(
+                &format!("/services/orders/i{port}"),
+                instance.as_bytes(),
+                &persistent,
+            )
+            .await
+            .expect("registering");
+    }
+    let control_plane = ControlPlane::launch_at(
+        zklb_tests::stack::free_port(),
+        &relay.address.to_string(),
+        "/services",
+        dir.path(),
+    )
+    .await;
+    control_plane.wait_until_serving().await;
+    let instances = |list: &serde_json::Value| {
+        list["services"]["orders"]["instances"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let list = control_plane.get("/v1/services").await.expect("list");
+    assert_eq!(instances(&list), 4);
+
+    // Cut off for less than the session timeout: the session survives, three instances do not.
+    relay.cut();
+    control_plane
+        .wait_for_status("stale", Duration::from_secs(10))
+        .await;
+    for port in 9001..=9003 {
+        registrar
+            .delete(&format!("/services/orders/i{port}"), None)
+            .await
+            .expect("deleting");
+    }
+    relay.heal();
+    let held = eventually(Duration::from_secs(10), "the drop is held back", || async {
+        let readiness = control_plane.get("/readyz").await?;
+        let reason = readiness["reason"].as_str().unwrap_or_default();
+        if reason.contains("fell from 4 to 1") {
+            Ok(std::time::Instant::now())
+        } else {
+            Err(readiness.to_string())
+        }
+    })
+    .await;
+    let list = control_plane.get("/v1/services").await.expect("list");
+    assert_eq!(
+        instances(&list),
+        4,
+        "the drop was published at once: {list}"
+    );
+    assert_eq!(list["stale"], true);
+
+    control_plane.wait_until_serving().await;
+    let list = control_plane.get("/v1/services").await.expect("list");
+    assert_eq!(
+        instances(&list),
+        1,
+        "the lasting drop was not published: {list}"
+    );
+    println!(
+        "the drop was held for {:.1} s after it was first reported",
+        held.elapsed().as_secs_f64()
+    );
 }
