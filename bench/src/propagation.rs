@@ -21,9 +21,9 @@ const SERVICE: &str = "prop";
 const POOL: usize = 16;
 /// How long an instance must go unanswered before its removal counts as settled.
 const QUIET: Duration = Duration::from_secs(1);
-/// The pause around an isolated change: longer than anything in the path paces itself after an
-/// update (Envoy's REST xDS fetcher waits up to twice its 1 s `refresh_delay` after each answer),
-/// so that each change meets an idle system.
+/// The pause around an isolated change, so that each change meets an idle system (and longer
+/// than any pacing in the path: Envoy's REST xDS fetcher, which zklb used before ADS, waited up
+/// to twice its 1 s `refresh_delay` after each answer).
 pub const ISOLATION: Duration = Duration::from_secs(2);
 /// The longest any single change may take to show before it is recorded as never seen.
 pub const CHANGE_LIMIT: Duration = Duration::from_secs(20);
