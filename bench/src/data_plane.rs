@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use zklb_tests::eventually;
-use zklb_tests::stack::{free_port, render_envoy_config, workspace_root, ControlPlane, Envoy};
+use zklb_tests::stack::{free_port, workspace_root, ControlPlane, Envoy};
 
 use crate::nginx::Nginx;
 use crate::procfs;
@@ -107,13 +107,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
         )
         .await?;
     }
-    let (listen_port, admin_port) = (free_port(), free_port());
-    let config = zklb_dir.join("envoy.yaml");
-    std::fs::write(
-        &config,
-        render_envoy_config(listen_port, admin_port, control_plane.port),
-    )?;
-    let zklb = Envoy::start_with_config(config, listen_port, admin_port, 1, &zklb_dir).await;
+    let zklb = Envoy::start_with_workers(&control_plane, 1, &zklb_dir).await;
 
     let envoys = [
         (Variant::NativeRandom, &native),
@@ -277,16 +271,9 @@ mod tests {
         ];
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, render(&template, &variables).expect("renders")).expect("writing");
-        let output = std::process::Command::new(zklb_tests::stack::envoy_binary())
-            .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
-            .arg(&config)
-            .output()
-            .expect("running envoy --mode validate");
-        assert!(
-            output.status.success(),
-            "envoy rejected bench/envoy/native-random.yaml:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        if let Err(reasons) = zklb_tests::stack::validate_envoy_config(&config) {
+            panic!("envoy rejected bench/envoy/native-random.yaml:\n{reasons}");
+        }
     }
 
     #[test]

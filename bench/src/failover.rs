@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use zklb_tests::stack::{free_port, render_envoy_config, ControlPlane, Envoy};
+use zklb_tests::stack::{ControlPlane, Envoy};
 
 use crate::nginx::Nginx;
 use crate::registration;
@@ -56,20 +56,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
         backends.push(backend);
         paths.push(path);
     }
-    let (listen_port, admin_port) = (free_port(), free_port());
-    let config = dir.join("envoy.yaml");
-    std::fs::write(
-        &config,
-        render_envoy_config(listen_port, admin_port, control_plane.port),
-    )?;
-    let envoy = Envoy::start_with_config(
-        config,
-        listen_port,
-        admin_port,
-        settings.envoy_workers,
-        &dir,
-    )
-    .await;
+    let envoy = Envoy::start_with_workers(&control_plane, settings.envoy_workers, &dir).await;
     let retries = format!(
         "cluster.{}.upstream_rq_retry",
         zklb_wire::cluster_name(SERVICE)

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use zklb_tests::stack::{free_port, render_envoy_config, ControlPlane, Envoy};
+use zklb_tests::stack::{ControlPlane, Envoy};
 
 use crate::data_plane::{self, SERVICE};
 use crate::nginx::Nginx;
@@ -77,13 +77,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Size
         let size_dir = dir.join(format!("{services}"));
         std::fs::create_dir_all(&size_dir)?;
         let control_plane = ControlPlane::start(&zookeeper, &root, &size_dir).await;
-        let (listen_port, admin_port) = (free_port(), free_port());
-        let config = size_dir.join("envoy.yaml");
-        std::fs::write(
-            &config,
-            render_envoy_config(listen_port, admin_port, control_plane.port),
-        )?;
-        let envoy = Envoy::start_with_config(config, listen_port, admin_port, 1, &size_dir).await;
+        let envoy = Envoy::start_with_workers(&control_plane, 1, &size_dir).await;
         let name = format!("{services} services");
         data_plane::wait_for_every_backend(&name, &envoy, 3).await;
         println!("filter scale: {services} services up");

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use zklb_tests::stack::{free_port, render_envoy_config, ControlPlane, Envoy};
+use zklb_tests::stack::{ControlPlane, Envoy};
 use zookeeper_client as zk;
 
 use crate::nginx::Nginx;
@@ -90,20 +90,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Results>
     let registrar = zookeeper.client().await;
     registration::create_service(&registrar, ROOT, SERVICE).await?;
     registration::register(&registrar, ROOT, SERVICE, "stable", nginx.ports[0]).await?;
-    let (listen_port, admin_port) = (free_port(), free_port());
-    let config = dir.join("envoy.yaml");
-    std::fs::write(
-        &config,
-        render_envoy_config(listen_port, admin_port, control_plane.port),
-    )?;
-    let envoy = Envoy::start_with_config(
-        config,
-        listen_port,
-        admin_port,
-        settings.envoy_workers,
-        &dir,
-    )
-    .await;
+    let envoy = Envoy::start_with_workers(&control_plane, settings.envoy_workers, &dir).await;
     let url = format!("http://127.0.0.1:{}/", envoy.listen_port);
 
     let traffic = Traffic::start(&url, SERVICE, settings.clients, TRAFFIC_LIMIT);

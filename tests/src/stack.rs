@@ -63,6 +63,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `envoy --mode validate` on `config`: Envoy's reasons when it refuses it.
+pub fn validate_envoy_config(config: &Path) -> Result<(), String> {
+    let output = Command::new(envoy_binary())
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+        .arg(config)
+        .output()
+        .map_err(|error| format!("running envoy --mode validate: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
 /// Renders `envoy/envoy.yaml` the way `envsubst` does for the scripts.
 pub fn render_envoy_config(listen_port: u16, admin_port: u16, control_plane_port: u16) -> String {
     let template = std::fs::read_to_string(workspace_root().join("envoy/envoy.yaml"))
@@ -326,10 +340,19 @@ pub struct Envoy {
 impl Envoy {
     /// Envoy with the filter, two worker threads (so every path that crosses workers runs).
     pub async fn start(control_plane: &ControlPlane, dir: &Path) -> Envoy {
+        Self::start_with_workers(control_plane, 2, dir).await
+    }
+
+    /// Envoy from the project's configuration, with `workers` worker threads.
+    pub async fn start_with_workers(
+        control_plane: &ControlPlane,
+        workers: u32,
+        dir: &Path,
+    ) -> Envoy {
         let listen_port = free_port();
         let admin_port = free_port();
         let config = render_envoy_config(listen_port, admin_port, control_plane.port);
-        Self::start_rendered(config, listen_port, admin_port, dir).await
+        Self::start_rendered(config, listen_port, admin_port, workers, dir).await
     }
 
     /// Envoy with the filter whose control-plane cluster has a member for each of `ports` (the
@@ -361,7 +384,7 @@ impl Envoy {
             poller,
             &format!(r#"{poller}, "wait_seconds": {poll_wait_seconds}"#),
         );
-        Self::start_rendered(config, listen_port, admin_port, dir).await
+        Self::start_rendered(config, listen_port, admin_port, 2, dir).await
     }
 
     /// Envoy on a configuration file of the caller's (already rendered, listening on
@@ -406,16 +429,17 @@ impl Envoy {
         envoy
     }
 
-    /// Envoy with the filter and `config`, two worker threads.
+    /// Envoy with `config` written into `dir`.
     async fn start_rendered(
         config: String,
         listen_port: u16,
         admin_port: u16,
+        workers: u32,
         dir: &Path,
     ) -> Envoy {
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, config).expect("writing envoy.yaml");
-        Self::start_with_config(config_path, listen_port, admin_port, 2, dir).await
+        Self::start_with_config(config_path, listen_port, admin_port, workers, dir).await
     }
 
     /// The Envoy process id, e.g. to read its CPU time from `/proc`.

@@ -563,3 +563,86 @@ async fn a_replica_cut_off_from_zookeeper_never_takes_envoy_or_the_filter_back()
     let _b3 = stack.backend("echo", "b3").await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
 }
+
+/// A Curator instance registered with an `sslPort` only is reached with TLS: a real TLS server
+/// (`openssl s_server`) answers through Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_with_only_an_ssl_port_is_reached_over_tls() {
+    let stack = Stack::start().await;
+    let dir = stack.dir.path();
+    let certificate = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=secure.internal", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("running openssl req");
+    assert!(
+        certificate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&certificate.stderr)
+    );
+    let port = zklb_tests::stack::free_port();
+    let mut server = std::process::Command::new("openssl");
+    server
+        .args(["s_server", "-www", "-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"));
+    let _server = zklb_tests::process::Child::spawn("tls-server", server, dir);
+    eventually(
+        Duration::from_secs(10),
+        "the TLS server listens",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string())
+        },
+    )
+    .await;
+
+    let zookeeper = stack.zookeeper.client().await;
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    let instance =
+        format!(r#"{{"id": "s1", "address": "127.0.0.1", "port": null, "sslPort": {port}}}"#);
+    zookeeper
+        .mkdir(&format!("{}/secure", stack.root), &persistent)
+        .await
+        .expect("creating the service");
+    zookeeper
+        .create(
+            &format!("{}/secure/s1", stack.root),
+            instance.as_bytes(),
+            &persistent,
+        )
+        .await
+        .expect("registering");
+
+    let answer = eventually(
+        Duration::from_secs(20),
+        "the TLS instance answers",
+        || async {
+            let answer = stack.request("secure", &[]).await;
+            let served_by_openssl = answer
+                .body
+                .as_str()
+                .is_some_and(|body| body.contains("s_server"));
+            if answer.status == 200 && served_by_openssl {
+                Ok(answer)
+            } else {
+                Err(format!("{answer:?}"))
+            }
+        },
+    )
+    .await;
+    let handshakes = stack
+        .envoy
+        .stat("cluster.zklb_service_secure.ssl.handshake")
+        .await;
+    assert!(handshakes >= 1, "no TLS handshake: {answer:?}");
+}

@@ -80,6 +80,10 @@ pub struct Instance {
     pub id: String,
     pub address: String,
     pub port: u16,
+    /// Whether `port` speaks TLS (a Curator instance registered with an `sslPort` only): Envoy
+    /// connects to it with TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     #[serde(default = "default_weight")]
     pub weight: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +114,7 @@ impl Instance {
             id: id.into(),
             address: address.into(),
             port,
+            tls: false,
             weight: default_weight(),
             zone: None,
             status: Status::Up,

@@ -34,14 +34,10 @@ pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
         .address
         .filter(|address| !address.trim().is_empty())
         .ok_or(DecodeError::Missing("address"))?;
-    let port = match (raw.port, raw.ssl_port) {
-        (Some(port), _) => port_number("port", port)?,
-        (None, Some(_)) => {
-            return Err(DecodeError::Invalid {
-                field: "port",
-                reason: "only sslPort is set, and TLS upstreams are not supported yet".into(),
-            })
-        }
+    // The plain port when there is one; an instance that offers only TLS is reached with TLS.
+    let (port, tls) = match (raw.port, raw.ssl_port) {
+        (Some(port), _) => (port_number("port", port)?, false),
+        (None, Some(ssl_port)) => (port_number("sslPort", ssl_port)?, true),
         (None, None) => return Err(DecodeError::Missing("port")),
     };
     let metadata = payload_metadata(raw.payload.as_ref());
@@ -62,6 +58,7 @@ pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
     };
     let id = raw.id.unwrap_or_else(|| znode_name.to_string());
     Ok(Instance {
+        tls,
         weight,
         zone: metadata.get("zone").cloned(),
         status,
@@ -171,6 +168,26 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_with_only_an_ssl_port_is_reached_with_tls() {
+        let tls_only = decode(
+            "x",
+            br#"{"address": "10.0.0.7", "port": null, "sslPort": 8443}"#,
+        )
+        .expect("decodes");
+        assert_eq!((tls_only.port, tls_only.tls), (8443, true));
+        let both = decode(
+            "x",
+            br#"{"address": "10.0.0.7", "port": 8080, "sslPort": 8443}"#,
+        )
+        .expect("decodes");
+        assert_eq!(
+            (both.port, both.tls),
+            (8080, false),
+            "the plain port when there is one"
+        );
+    }
+
+    #[test]
     fn missing_id_falls_back_to_the_znode_name() {
         let instance =
             decode("node-7", br#"{"address": "10.0.0.7", "port": 81}"#).expect("decodes");
@@ -190,7 +207,7 @@ mod tests {
         assert!(
             error(r#"{"address": "10.0.0.1", "port": 70000}"#).contains("70000 is not a TCP port")
         );
-        assert!(error(r#"{"address": "10.0.0.1", "sslPort": 443}"#).contains("only sslPort"));
+        assert!(error(r#"{"address": "10.0.0.1", "sslPort": 0}"#).contains("0 is not a TCP port"));
         assert!(error(
             r#"{"address": "10.0.0.1", "port": 80, "payload": {"metadata": {"weight": "-1"}}}"#
         )

@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
     header_mutation, HeaderMutation as HeaderMutationRule,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    address, config_source, socket_address, Address, AggregatedConfigSource, ApiVersion,
-    ConfigSource, Http1ProtocolOptions, Http2ProtocolOptions, RoutingPriority, SocketAddress,
+    address, config_source, data_source, socket_address, transport_socket, Address,
+    AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, Http1ProtocolOptions,
+    Http2ProtocolOptions, Metadata, RoutingPriority, SocketAddress, TransportSocket,
     TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -31,13 +32,20 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::override_host::
     override_host::OverrideHostSource, OverrideHost,
 };
 use envoy_types::pb::envoy::extensions::load_balancing_policies::random::v3::Random;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType as san_type_enum,
+    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{
         explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
     },
     HttpProtocolOptions,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration, UInt32Value};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::google::protobuf::{
+    value, Any, Duration as ProtoDuration, Struct, UInt32Value, Value as ProtoValue,
+};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
 use zklb_wire::{Service, Version};
@@ -207,6 +215,16 @@ fn cluster(service: &str, settings: &ClusterSettings) -> Cluster {
                 }),
             }],
         }),
+        transport_socket_matches: vec![cluster::TransportSocketMatch {
+            name: "tls".into(),
+            r#match: Some(tls_match()),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
+                    tls_context(settings),
+                ))),
+            }),
+        }],
         typed_extension_protocol_options: HashMap::from([(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
             pack_any(protocol_options(settings.protocol)),
@@ -264,6 +282,52 @@ fn protocol_options(protocol: UpstreamProtocol) -> HttpProtocolOptions {
     }
 }
 
+/// The metadata by which an endpoint that speaks TLS selects the cluster's TLS transport socket.
+fn tls_match() -> Struct {
+    Struct {
+        fields: HashMap::from([(
+            TLS_MATCH_KEY.to_string(),
+            ProtoValue {
+                kind: Some(value::Kind::BoolValue(true)),
+            },
+        )]),
+    }
+}
+
+const TLS_MATCH_KEY: &str = "tls";
+
+fn tls_context(settings: &ClusterSettings) -> UpstreamTlsContext {
+    let validation = settings.tls_ca_file.as_ref().map(|ca_file| {
+        ValidationContextType::ValidationContext(CertificateValidationContext {
+            trusted_ca: Some(DataSource {
+                specifier: Some(data_source::Specifier::Filename(ca_file.clone())),
+                ..DataSource::default()
+            }),
+            match_typed_subject_alt_names: settings
+                .tls_server_name
+                .iter()
+                .map(|name| SubjectAltNameMatcher {
+                    san_type: san_type_enum::Dns as i32,
+                    matcher: Some(StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(name.clone())),
+                        ..StringMatcher::default()
+                    }),
+                    ..SubjectAltNameMatcher::default()
+                })
+                .collect(),
+            ..CertificateValidationContext::default()
+        })
+    });
+    UpstreamTlsContext {
+        sni: settings.tls_server_name.clone().unwrap_or_default(),
+        common_tls_context: Some(CommonTlsContext {
+            validation_context_type: validation,
+            ..CommonTlsContext::default()
+        }),
+        ..UpstreamTlsContext::default()
+    }
+}
+
 /// Exactly the service's routable instances, so that neither the filter's candidates nor the
 /// fallback can leave the service.
 fn load_assignment(service: &Service) -> ClusterLoadAssignment {
@@ -271,6 +335,13 @@ fn load_assignment(service: &Service) -> ClusterLoadAssignment {
         .routable_instances()
         .into_iter()
         .map(|instance| LbEndpoint {
+            metadata: instance.tls.then(|| Metadata {
+                filter_metadata: HashMap::from([(
+                    "envoy.transport_socket_match".to_string(),
+                    tls_match(),
+                )]),
+                ..Metadata::default()
+            }),
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
                 address: Some(Address {
                     address: Some(address::Address::SocketAddress(SocketAddress {
@@ -414,6 +485,58 @@ mod tests {
         assert_eq!(assignment.endpoints[0].lb_endpoints.len(), 1);
         let version = &resources.endpoints["zklb_service_echo"].version;
         assert_eq!(registry_version_of(version), Some(11));
+    }
+
+    #[test]
+    fn instances_that_speak_tls_select_the_tls_transport_socket() {
+        let mut secure = instance("127.0.0.1", 8443, Status::Up);
+        secure.tls = true;
+        let settings = ClusterSettingsTable::parse(
+            br#"{"services": {"echo": {"tls_ca_file": "/etc/ca.pem", "tls_server_name": "echo.internal"}}}"#,
+        )
+        .expect("valid");
+        let resources = XdsResources::default().update(
+            &snapshot(&[(
+                "echo",
+                4,
+                vec![secure, instance("127.0.0.1", 8080, Status::Up)],
+            )]),
+            &settings,
+        );
+        let assignment = decode_assignment(&resources, "zklb_service_echo");
+        let members = &assignment.endpoints[0].lb_endpoints;
+        let selects_tls = |member: &LbEndpoint| {
+            member.metadata.as_ref().is_some_and(|metadata| {
+                metadata.filter_metadata.get("envoy.transport_socket_match") == Some(&tls_match())
+            })
+        };
+        assert_eq!(
+            members.iter().filter(|member| selects_tls(member)).count(),
+            1
+        );
+
+        let cluster = decode_cluster(&resources, "zklb_service_echo");
+        let tls = &cluster.transport_socket_matches[0];
+        assert_eq!(tls.r#match, Some(tls_match()));
+        let Some(transport_socket::ConfigType::TypedConfig(config)) = tls
+            .transport_socket
+            .as_ref()
+            .and_then(|socket| socket.config_type.clone())
+        else {
+            panic!("no TLS transport socket");
+        };
+        let context = UpstreamTlsContext::decode(config.value.as_slice()).expect("TLS context");
+        assert_eq!(context.sni, "echo.internal");
+        let Some(ValidationContextType::ValidationContext(validation)) = context
+            .common_tls_context
+            .and_then(|common| common.validation_context_type)
+        else {
+            panic!("certificates are not checked");
+        };
+        assert_eq!(
+            validation.trusted_ca.and_then(|ca| ca.specifier),
+            Some(data_source::Specifier::Filename("/etc/ca.pem".into()))
+        );
     }
 
     #[test]

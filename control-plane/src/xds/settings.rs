@@ -34,6 +34,12 @@ pub struct ClusterSettings {
     /// Concurrent retries. Every attempt after the first is a retry, so Envoy's default of 3
     /// turns one dead backend into client errors under load.
     pub max_retries: u32,
+    /// For instances reached with TLS: the CA certificates (PEM file) that their certificates
+    /// must chain to, checked when set; without it the connection is encrypted, not verified.
+    pub tls_ca_file: Option<String>,
+    /// For instances reached with TLS: the server name sent (SNI) and, with `tls_ca_file`, the
+    /// name their certificates must carry.
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for ClusterSettings {
@@ -45,6 +51,8 @@ impl Default for ClusterSettings {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 10_000,
+            tls_ca_file: None,
+            tls_server_name: None,
         }
     }
 }
@@ -85,6 +93,8 @@ struct RawSettings {
     max_pending_requests: Option<u32>,
     max_requests: Option<u32>,
     max_retries: Option<u32>,
+    tls_ca_file: Option<String>,
+    tls_server_name: Option<String>,
 }
 
 impl RawSettings {
@@ -119,6 +129,17 @@ impl RawSettings {
             )?,
             max_requests: positive("max_requests", self.max_requests, base.max_requests)?,
             max_retries: positive("max_retries", self.max_retries, base.max_retries)?,
+            tls_ca_file: match &self.tls_ca_file {
+                Some(path) if path.is_empty() => {
+                    return Err(format!("{at}.tls_ca_file must name a file"))
+                }
+                Some(path) => Some(path.clone()),
+                None => base.tls_ca_file.clone(),
+            },
+            tls_server_name: self
+                .tls_server_name
+                .clone()
+                .or_else(|| base.tls_server_name.clone()),
         })
     }
 }
@@ -194,5 +215,7 @@ mod tests {
         assert!(refusal(r#"{"services": {"a": {"max_retries": 0}}}"#)
             .contains("services.a.max_retries must be at least 1"));
         assert!(refusal(r#"{"services": {"a b": {}}}"#).contains("is not a service name"));
+        assert!(refusal(r#"{"defaults": {"tls_ca_file": ""}}"#)
+            .contains("defaults.tls_ca_file must name a file"));
     }
 }
