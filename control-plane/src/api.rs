@@ -12,10 +12,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::sync::watch;
-use zklb_wire::{ErrorBody, Freshness, ServiceChanges, ServiceList, Version};
+use zklb_wire::{ErrorBody, Freshness, ServiceChanges, Version};
 
 use crate::snapshot::{Channels, Health, Snapshot};
 use crate::xds::{TypeStats, XdsStats};
@@ -129,8 +130,10 @@ async fn list_services(
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     poll(&state, query, |snapshot, freshness, _| {
-        Json(ServiceList {
-            set: snapshot.services.clone(),
+        Json(WholeList {
+            version: snapshot.services.version,
+            full: None,
+            services: snapshot.services_json(),
             freshness,
         })
         .into_response()
@@ -144,13 +147,34 @@ async fn list_changes(
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     poll(&state, query, |snapshot, freshness, after| {
-        Json(ServiceChanges {
-            freshness,
-            ..snapshot.changes_since(after)
-        })
-        .into_response()
+        match after.and_then(|after| snapshot.changes_since(after)) {
+            Some(changes) => Json(ServiceChanges {
+                freshness,
+                ..changes
+            })
+            .into_response(),
+            None => Json(WholeList {
+                version: snapshot.services.version,
+                full: Some(true),
+                services: snapshot.services_json(),
+                freshness,
+            })
+            .into_response(),
+        }
     })
     .await
+}
+
+/// The whole registry as a [`ServiceList`], or a [`ServiceChanges`] with `full`, whose services
+/// were serialized once for the snapshot rather than once per request.
+#[derive(Serialize)]
+struct WholeList<'a> {
+    version: Version,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full: Option<bool>,
+    services: &'a RawValue,
+    #[serde(flatten)]
+    freshness: Freshness,
 }
 
 /// Answers with `respond` at once without `after`, or once the registry is newer than `after`
@@ -411,14 +435,10 @@ mod tests {
             version,
             instances,
         };
-        Arc::new(Snapshot {
-            services: ServiceSet {
-                version,
-                services: BTreeMap::from([("echo".to_string(), service)]),
-            },
-            synced: true,
-            ..Snapshot::default()
-        })
+        Arc::new(Snapshot::default().succeeded_by(ServiceSet {
+            version,
+            services: BTreeMap::from([("echo".to_string(), service)]),
+        }))
     }
 
     async fn get(app: &Router, uri: &str) -> (StatusCode, serde_json::Value) {
@@ -557,11 +577,29 @@ mod tests {
         );
     }
 
+    /// The whole lists are written from JSON serialized once per snapshot: they must still be
+    /// exactly the wire types that clients parse.
+    #[tokio::test]
+    async fn whole_lists_parse_as_the_wire_types() {
+        let (app, publishers, _stop) = app();
+        let current = snapshot(7, &[8001, 8002]);
+        publishers.snapshots.send_replace(Arc::clone(&current));
+        publishers.health.send_modify(Health::read_now);
+        let (_, body) = get(&app, "/v1/services").await;
+        let list: zklb_wire::ServiceList = serde_json::from_value(body).expect("a ServiceList");
+        assert_eq!(list.set, current.services);
+        assert_eq!(list.freshness.session, "connected");
+        let (_, body) = get(&app, "/v1/changes").await;
+        let changes: ServiceChanges = serde_json::from_value(body).expect("a ServiceChanges");
+        assert!(changes.full);
+        assert_eq!(changes.services, current.services.services);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn changes_carry_only_what_moved_since_the_version_held() {
         let (app, publishers, _stop) = app();
-        let first = Snapshot::default().succeeded_by(snapshot(7, &[8001]).services.clone());
-        publishers.snapshots.send_replace(Arc::new(first.clone()));
+        let first = snapshot(7, &[8001]);
+        publishers.snapshots.send_replace(Arc::clone(&first));
         let (status, body) = get(&app, "/v1/changes").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(

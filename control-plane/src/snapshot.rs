@@ -1,16 +1,17 @@
 //! What the watcher publishes and every HTTP and xDS handler reads.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 use zklb_wire::{Freshness, ServiceChanges, ServiceSet, Version};
 
 use crate::registry::DecodeStats;
 
 /// The registry as last read from ZooKeeper. Only the watcher writes one.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub services: ServiceSet,
     /// False only for the placeholder before ZooKeeper was first read: its empty list says
@@ -23,6 +24,8 @@ pub struct Snapshot {
     /// The oldest version that changes can be counted from: this process's first registry, or
     /// later once old removals are forgotten. A client behind it gets the whole registry.
     pub horizon: Version,
+    /// The JSON of every service, made once however many clients ask for the whole registry.
+    services_json: OnceLock<Box<RawValue>>,
 }
 
 /// Removals remembered for clients that lag; the oldest beyond this are forgotten (and the
@@ -41,7 +44,7 @@ impl Snapshot {
                 horizon: services.version,
                 services,
                 synced: true,
-                removed: BTreeMap::new(),
+                ..Snapshot::default()
             };
         }
         let mut removed = self.removed.clone();
@@ -64,39 +67,42 @@ impl Snapshot {
             synced: true,
             removed,
             horizon,
+            services_json: OnceLock::new(),
         }
     }
 
-    /// What changed since `after`: the services whose version moved and those removed, or the
-    /// whole registry when there is no `after` or it is older than the horizon.
-    pub fn changes_since(&self, after: Option<Version>) -> ServiceChanges {
-        let set = &self.services;
-        match after {
-            Some(after) if after >= self.horizon => ServiceChanges {
-                version: set.version,
-                full: false,
-                services: set
-                    .services
-                    .iter()
-                    .filter(|(_, service)| service.version > after)
-                    .map(|(name, service)| (name.clone(), service.clone()))
-                    .collect(),
-                removed: self
-                    .removed
-                    .iter()
-                    .filter(|(_, &at)| at > after)
-                    .map(|(name, _)| name.clone())
-                    .collect(),
-                freshness: Freshness::default(),
-            },
-            _ => ServiceChanges {
-                version: set.version,
-                full: true,
-                services: set.services.clone(),
-                removed: Vec::new(),
-                freshness: Freshness::default(),
-            },
+    /// Every service as JSON (the `services` of a list), serialized once per snapshot.
+    pub fn services_json(&self) -> &RawValue {
+        self.services_json.get_or_init(|| {
+            serde_json::value::to_raw_value(&self.services.services)
+                .expect("a map of plain structs with string keys always serializes")
+        })
+    }
+
+    /// What changed since `after`: the services whose version moved and those removed; `None`
+    /// when `after` is older than the horizon, so that only the whole registry will do.
+    pub fn changes_since(&self, after: Version) -> Option<ServiceChanges> {
+        if after < self.horizon {
+            return None;
         }
+        let set = &self.services;
+        Some(ServiceChanges {
+            version: set.version,
+            full: false,
+            services: set
+                .services
+                .iter()
+                .filter(|(_, service)| service.version > after)
+                .map(|(name, service)| (name.clone(), service.clone()))
+                .collect(),
+            removed: self
+                .removed
+                .iter()
+                .filter(|(_, &at)| at > after)
+                .map(|(name, _)| name.clone())
+                .collect(),
+            freshness: Freshness::default(),
+        })
     }
 }
 
@@ -232,24 +238,26 @@ mod tests {
         assert_eq!(first.horizon, 5);
         let second = first.succeeded_by(set(&[("a", 3), ("b", 8)]));
         let third = second.succeeded_by(set(&[("a", 3), ("b", 8), ("d", 9)]));
-        let since_five = third.changes_since(Some(5));
+        let since_five = third.changes_since(5).expect("counted");
         assert!(!since_five.full);
         assert_eq!(names(&since_five), ["b", "d"]);
         assert_eq!(since_five.removed, ["c"]);
-        let since_eight = third.changes_since(Some(8));
+        let since_eight = third.changes_since(8).expect("counted");
         assert_eq!(names(&since_eight), ["d"]);
         assert!(since_eight.removed.is_empty(), "c was gone before 8");
-        assert_eq!(third.changes_since(Some(9)).services.len(), 0);
+        assert_eq!(
+            third.changes_since(9).map(|changes| changes.services.len()),
+            Some(0)
+        );
     }
 
     #[test]
-    fn a_client_behind_the_horizon_or_without_a_version_gets_everything() {
+    fn a_client_behind_the_horizon_needs_everything() {
         let first = Snapshot::default().succeeded_by(set(&[("a", 3), ("b", 7)]));
-        for after in [None, Some(6)] {
-            let changes = first.changes_since(after);
-            assert!(changes.full, "{after:?}");
-            assert_eq!(names(&changes), ["a", "b"]);
-        }
+        assert!(first.changes_since(6).is_none());
+        let whole: BTreeMap<String, Service> =
+            serde_json::from_str(first.services_json().get()).expect("the services parse");
+        assert_eq!(whole, first.services.services);
     }
 
     #[test]
@@ -257,7 +265,7 @@ mod tests {
         let first = Snapshot::default().succeeded_by(set(&[("a", 3), ("b", 4)]));
         let second = first.succeeded_by(set(&[("a", 3)]));
         let third = second.succeeded_by(set(&[("a", 3), ("b", 9)]));
-        let changes = third.changes_since(Some(4));
+        let changes = third.changes_since(4).expect("counted");
         assert_eq!(names(&changes), ["b"]);
         assert!(changes.removed.is_empty());
     }
@@ -274,7 +282,10 @@ mod tests {
         assert_eq!(snapshot.removed.len(), 3);
         // e and d went at 16 and 17 and are forgotten; c, b and a went at 18, 19 and 20.
         assert_eq!(snapshot.horizon, 17);
-        assert!(snapshot.changes_since(Some(16)).full);
-        assert_eq!(snapshot.changes_since(Some(17)).removed, ["a", "b", "c"]);
+        assert!(snapshot.changes_since(16).is_none());
+        assert_eq!(
+            snapshot.changes_since(17).map(|changes| changes.removed),
+            Some(vec!["a".to_string(), "b".to_string(), "c".to_string()])
+        );
     }
 }

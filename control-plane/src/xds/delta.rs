@@ -256,11 +256,7 @@ mod tests {
             })
             .collect();
         let version = services.values().map(|s| s.version).max().unwrap_or(0);
-        let snapshot = Snapshot {
-            services: ServiceSet { version, services },
-            synced: true,
-            ..Snapshot::default()
-        };
+        let snapshot = Snapshot::default().succeeded_by(ServiceSet { version, services });
         XdsResources::default().update(&snapshot, &ClusterSettingsTable::default())
     }
 

@@ -410,11 +410,7 @@ mod tests {
             })
             .collect();
         let version = services.values().map(|s| s.version).max().unwrap_or(0);
-        Snapshot {
-            services: ServiceSet { version, services },
-            synced: true,
-            ..Snapshot::default()
-        }
+        Snapshot::default().succeeded_by(ServiceSet { version, services })
     }
 
     fn decode_cluster(resources: &XdsResources, name: &str) -> Cluster {
