@@ -1,9 +1,12 @@
 //! The plugin configuration, parsed and checked once when Envoy loads the plugin.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::balancer::Policy;
 
 /// What a root context was configured to be, from its JSON plugin configuration
 /// (`{"role": "poller", ...}` or `{"role": "router", ...}`).
@@ -30,6 +33,19 @@ pub struct RouterConfig {
     /// Candidates written per request: the route's `num_retries` + 1, so that every attempt goes
     /// to a different host.
     pub candidates: usize,
+    /// The policy of every service without one of its own.
+    pub policy: Policy,
+    /// Per-service policies, by exact service name.
+    pub services: BTreeMap<String, Policy>,
+    /// Whether responses say which candidates were chosen and which upstream answered
+    /// (`x-zklb-candidates`, `x-zklb-upstream`): for debugging and tests, off by default.
+    pub debug_headers: bool,
+}
+
+impl RouterConfig {
+    pub fn policy_for(&self, service: &str) -> Policy {
+        self.services.get(service).copied().unwrap_or(self.policy)
+    }
 }
 
 #[derive(Deserialize)]
@@ -53,6 +69,18 @@ struct RawPoller {
 #[serde(deny_unknown_fields)]
 struct RawRouter {
     retries: usize,
+    #[serde(default)]
+    policy: Policy,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+    #[serde(default)]
+    debug_headers: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    policy: Policy,
 }
 
 fn default_wait_seconds() -> u64 {
@@ -116,8 +144,24 @@ impl PluginConfig {
                         raw.retries
                     )));
                 }
+                if let Some(name) = raw
+                    .services
+                    .keys()
+                    .find(|name| !zklb_wire::is_valid_service_name(name))
+                {
+                    return Err(ConfigError(format!(
+                        "router: services.{name:?} is not a service name (ASCII letters, digits, '.', '_', '-')"
+                    )));
+                }
                 Ok(PluginConfig::Router(RouterConfig {
                     candidates: raw.retries + 1,
+                    policy: raw.policy,
+                    services: raw
+                        .services
+                        .into_iter()
+                        .map(|(name, service)| (name, service.policy))
+                        .collect(),
+                    debug_headers: raw.debug_headers,
                 }))
             }
         }
@@ -137,7 +181,30 @@ mod tests {
     #[test]
     fn router_config_asks_for_one_candidate_per_attempt() {
         let config = PluginConfig::parse(br#"{"role": "router", "retries": 2}"#).expect("valid");
-        assert_eq!(config, PluginConfig::Router(RouterConfig { candidates: 3 }));
+        assert_eq!(
+            config,
+            PluginConfig::Router(RouterConfig {
+                candidates: 3,
+                policy: Policy::Random,
+                services: BTreeMap::new(),
+                debug_headers: false,
+            })
+        );
+    }
+
+    #[test]
+    fn services_may_have_policies_of_their_own() {
+        let config = PluginConfig::parse(
+            br#"{"role": "router", "retries": 1, "policy": "weighted_random",
+                 "services": {"cache": {"policy": "random"}}, "debug_headers": true}"#,
+        )
+        .expect("valid");
+        let PluginConfig::Router(config) = config else {
+            panic!("a router");
+        };
+        assert_eq!(config.policy_for("orders"), Policy::WeightedRandom);
+        assert_eq!(config.policy_for("cache"), Policy::Random);
+        assert!(config.debug_headers);
     }
 
     #[test]
@@ -164,6 +231,14 @@ mod tests {
                 .contains("unknown field `retrys`")
         );
         assert!(rejection(r#"{"role": "router", "retries": 99}"#).contains("at most 16"));
+        assert!(
+            rejection(r#"{"role": "router", "retries": 2, "policy": "round_robin"}"#)
+                .contains("unknown variant `round_robin`")
+        );
+        assert!(rejection(
+            r#"{"role": "router", "retries": 2, "services": {"a b": {"policy": "random"}}}"#
+        )
+        .contains("is not a service name"));
         assert!(
             rejection(r#"{"role": "poller", "control_plane_cluster": ""}"#)
                 .contains("must not be empty")

@@ -3,7 +3,7 @@
 
 use rand::Rng;
 
-use crate::balancer::choose_candidates;
+use crate::config::RouterConfig;
 use crate::table::{Lookup, ServiceTable};
 
 /// Where a request goes: the headers the filter writes for the router and `override_host`.
@@ -24,7 +24,7 @@ pub struct Refusal {
 pub fn plan_request(
     table: Option<&ServiceTable>,
     authority: &str,
-    candidates: usize,
+    config: &RouterConfig,
     rng: &mut impl Rng,
 ) -> Result<Plan, Refusal> {
     let Some(table) = table else {
@@ -43,7 +43,8 @@ pub fn plan_request(
             })
         }
     };
-    let chosen = choose_candidates(&route.hosts, candidates, rng);
+    let policy = config.policy_for(&route.name);
+    let chosen = route.hosts.choose(policy, config.candidates, rng);
     if chosen.is_empty() {
         return Err(Refusal {
             status: 503,
@@ -54,7 +55,7 @@ pub fn plan_request(
         cluster: route.cluster.clone(),
         candidates: chosen
             .iter()
-            .map(|host| host.as_str())
+            .map(|host| host.address.as_str())
             .collect::<Vec<_>>()
             .join(","),
     })
@@ -67,6 +68,13 @@ mod tests {
     use rand::SeedableRng;
     use std::collections::BTreeMap;
     use zklb_wire::{Instance, Service, ServiceSet, SourceFormat};
+
+    fn config() -> RouterConfig {
+        match crate::config::PluginConfig::parse(br#"{"role": "router", "retries": 2}"#) {
+            Ok(crate::config::PluginConfig::Router(config)) => config,
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn table(hosts: &[u16]) -> ServiceTable {
         let instances = hosts
@@ -88,7 +96,7 @@ mod tests {
     fn a_known_service_gets_its_cluster_and_distinct_candidates() {
         let table = table(&[8001, 8002, 8003, 8004]);
         let mut rng = SmallRng::seed_from_u64(3);
-        let plan = plan_request(Some(&table), "echo:10000", 3, &mut rng).expect("routable");
+        let plan = plan_request(Some(&table), "echo:10000", &config(), &mut rng).expect("routable");
         assert_eq!(plan.cluster, zklb_wire::cluster_name("echo"));
         let hosts: Vec<&str> = plan.candidates.split(',').collect();
         assert_eq!(hosts.len(), 3);
@@ -98,12 +106,18 @@ mod tests {
     #[test]
     fn unknown_services_get_404_and_empty_ones_503() {
         let mut rng = SmallRng::seed_from_u64(3);
-        let unknown = plan_request(Some(&table(&[8001])), "zklb_control_plane", 3, &mut rng);
+        let unknown = plan_request(
+            Some(&table(&[8001])),
+            "zklb_control_plane",
+            &config(),
+            &mut rng,
+        );
         assert_eq!(unknown.expect_err("refused").status, 404);
-        let empty = plan_request(Some(&table(&[])), "echo", 3, &mut rng).expect_err("refused");
+        let empty =
+            plan_request(Some(&table(&[])), "echo", &config(), &mut rng).expect_err("refused");
         assert_eq!(empty.status, 503);
         assert!(empty.reason.contains("no available instances"));
-        let unloaded = plan_request(None, "echo", 3, &mut rng).expect_err("refused");
+        let unloaded = plan_request(None, "echo", &config(), &mut rng).expect_err("refused");
         assert_eq!(unloaded.status, 503);
     }
 }

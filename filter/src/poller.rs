@@ -86,14 +86,15 @@ impl Poller {
         _trailers: usize,
     ) {
         self.in_flight = false;
-        let status = hostcalls::get_map_value(
+        // As bytes: the SDK's string getter panics on a value that is not UTF-8.
+        let status = hostcalls::get_map_value_bytes(
             proxy_wasm::types::MapType::HttpCallResponseHeaders,
             ":status",
         )
         .ok()
         .flatten();
         match status.as_deref() {
-            Some("200") => {
+            Some(b"200") => {
                 let body = hostcalls::get_buffer(
                     proxy_wasm::types::BufferType::HttpCallResponseBody,
                     0,
@@ -109,8 +110,9 @@ impl Poller {
                 }
             }
             // Nothing changed during the hold.
-            Some("304") => self.poll(),
+            Some(b"304") => self.poll(),
             Some(other) => {
+                let other = String::from_utf8_lossy(other);
                 log::warn!("zklb poller: control plane answered {other}");
                 self.back_off();
             }

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, MapType};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use zklb_wire::{ErrorBody, Service, Version};
@@ -103,6 +103,7 @@ impl RouterRoot {
             config: Rc::clone(&self.config),
             table: Rc::clone(&self.table),
             rng: Rc::clone(&self.rng),
+            candidates: None,
         }
     }
 }
@@ -125,6 +126,8 @@ pub struct Request {
     config: Rc<RouterConfig>,
     table: Rc<RefCell<LoadedTable>>,
     rng: Rc<RefCell<SmallRng>>,
+    /// The candidates written for this request, kept for the debug headers.
+    candidates: Option<String>,
 }
 
 impl Context for Request {}
@@ -135,20 +138,27 @@ impl HttpContext for Request {
         self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, None);
         self.set_http_request_header(zklb_wire::CLUSTER_HEADER, None);
 
-        let authority = self
-            .get_http_request_header(":authority")
+        // As bytes: the SDK's string getter panics on a header that is not UTF-8. Such a host
+        // names no service, and is refused as unknown.
+        let authority = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":authority")
+            .ok()
+            .flatten()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default();
         self.table.borrow_mut().refresh();
         let planned = plan_request(
             self.table.borrow().loaded(),
             &authority,
-            self.config.candidates,
+            &self.config,
             &mut *self.rng.borrow_mut(),
         );
         match planned {
             Ok(plan) => {
                 self.set_http_request_header(zklb_wire::CLUSTER_HEADER, Some(&plan.cluster));
                 self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, Some(&plan.candidates));
+                if self.config.debug_headers {
+                    self.candidates = Some(plan.candidates);
+                }
                 Action::Continue
             }
             Err(refusal) => {
@@ -164,5 +174,20 @@ impl HttpContext for Request {
                 Action::Pause
             }
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(candidates) = self.candidates.take() else {
+            return Action::Continue;
+        };
+        self.set_http_response_header(zklb_wire::CANDIDATES_HEADER, Some(&candidates));
+        let upstream = hostcalls::get_property(vec!["upstream", "address"])
+            .ok()
+            .flatten()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        if let Some(upstream) = upstream {
+            self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(&upstream));
+        }
+        Action::Continue
     }
 }

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use zklb_wire::Service;
 
+use crate::balancer::{Host, Hosts};
+
 /// The routable hosts of every service, by lower-case service name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceTable {
@@ -19,8 +21,8 @@ pub struct ServiceRoute {
     pub name: String,
     /// The Envoy cluster whose members are this service's instances.
     pub cluster: String,
-    /// `ip:port` of every routable instance.
-    pub hosts: Vec<String>,
+    /// Every routable instance.
+    pub hosts: Hosts,
 }
 
 /// What a request maps to.
@@ -43,11 +45,16 @@ impl ServiceTable {
         let route = ServiceRoute {
             name: service.name.clone(),
             cluster: zklb_wire::cluster_name(&service.name),
-            hosts: service
-                .routable_instances()
-                .into_iter()
-                .map(|instance| instance.host())
-                .collect(),
+            hosts: Hosts::new(
+                service
+                    .routable_instances()
+                    .into_iter()
+                    .map(|instance| Host {
+                        address: instance.host(),
+                        weight: instance.weight,
+                    })
+                    .collect(),
+            ),
         };
         let alike = self
             .services
@@ -185,7 +192,10 @@ mod tests {
         let Lookup::Found(route) = table.lookup("echo") else {
             panic!("echo must exist");
         };
-        assert_eq!(route.hosts, vec!["127.0.0.1:8001".to_string()]);
+        assert_eq!(
+            route.hosts.addresses().collect::<Vec<_>>(),
+            ["127.0.0.1:8001"]
+        );
     }
 
     /// A control plane upgraded before the filter may send statuses and formats this build has
@@ -203,7 +213,10 @@ mod tests {
         let Lookup::Found(route) = table.lookup("echo") else {
             panic!("echo must exist");
         };
-        assert_eq!(route.hosts, ["127.0.0.1:8001", "127.0.0.1:8002"]);
+        assert_eq!(
+            route.hosts.addresses().collect::<Vec<_>>(),
+            ["127.0.0.1:8001", "127.0.0.1:8002"]
+        );
     }
 
     #[test]

@@ -355,6 +355,24 @@ impl Envoy {
         Self::start_rendered(config, listen_port, admin_port, workers, dir).await
     }
 
+    /// Envoy with two workers whose filter takes `options` (JSON members, such as
+    /// `"policy": "weighted_random"`) besides the project's router configuration.
+    pub async fn start_with_router_options(
+        control_plane: &ControlPlane,
+        options: &str,
+        dir: &Path,
+    ) -> Envoy {
+        let listen_port = free_port();
+        let admin_port = free_port();
+        let config = render_envoy_config(listen_port, admin_port, control_plane.port);
+        let router = r#""role": "router", "retries": 2"#;
+        assert!(
+            config.contains(router),
+            "the template configures the router"
+        );
+        let config = config.replace(router, &format!("{router}, {options}"));
+        Self::start_rendered(config, listen_port, admin_port, 2, dir).await
+    }
     /// Envoy with the filter whose control-plane cluster has a member for each of `ports` (the
     /// ADS stream goes to one of them, the filter's polls to each in turn). The filter's polls
     /// are held `poll_wait_seconds` at most, so that a replica that has nothing newer to say
@@ -588,11 +606,40 @@ pub struct Stack {
 /// One answer that went through Envoy.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// 0 when no answer came (the error is the body).
     pub status: u16,
+    /// JSON, or the text of a body that is not JSON.
     pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Answer {
+    /// The answer to a request, or the reason there was none.
+    pub async fn of(sent: reqwest::Result<reqwest::Response>) -> Answer {
+        match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let text = response.text().await.unwrap_or_default();
+                let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                Answer {
+                    status,
+                    body,
+                    headers,
+                }
+            }
+            Err(error) => Answer {
+                status: 0,
+                body: Value::String(error.to_string()),
+                headers: reqwest::header::HeaderMap::new(),
+            },
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
+
     /// The id of the backend that answered, if one did.
     pub fn backend(&self) -> Option<&str> {
         self.body["backend"].as_str()
@@ -601,6 +648,12 @@ impl Answer {
 
 impl Stack {
     pub async fn start() -> Stack {
+        Self::start_with_router_options("").await
+    }
+
+    /// A stack whose filter takes `options` besides the project's router configuration (see
+    /// [`Envoy::start_with_router_options`]); none if empty.
+    pub async fn start_with_router_options(options: &str) -> Stack {
         let dir = tempfile::Builder::new()
             .prefix("zklb-e2e")
             .tempdir()
@@ -608,7 +661,11 @@ impl Stack {
         let root = "/services".to_string();
         let zookeeper = ZooKeeper::start(dir.path()).await;
         let control_plane = ControlPlane::start(&zookeeper, &root, dir.path()).await;
-        let envoy = Envoy::start(&control_plane, dir.path()).await;
+        let envoy = if options.is_empty() {
+            Envoy::start(&control_plane, dir.path()).await
+        } else {
+            Envoy::start_with_router_options(&control_plane, options, dir.path()).await
+        };
         Stack::around(zookeeper, control_plane, envoy, &root, dir).await
     }
 
@@ -684,14 +741,9 @@ impl Stack {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|error| panic!("request for {service}: {error}"));
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Answer { status, body }
+        let answer = Answer::of(request.send().await).await;
+        assert_ne!(answer.status, 0, "request for {service}: {}", answer.body);
+        answer
     }
 
     /// Sends `count` requests for `service`, `concurrency` at a time, so both Envoy workers serve.
@@ -723,18 +775,7 @@ impl Stack {
                     for (name, value) in &headers {
                         request = request.header(name, value);
                     }
-                    let answer = match request.send().await {
-                        Ok(response) => {
-                            let status = response.status().as_u16();
-                            let body = response.json().await.unwrap_or(Value::Null);
-                            Answer { status, body }
-                        }
-                        Err(error) => Answer {
-                            status: 0,
-                            body: Value::String(error.to_string()),
-                        },
-                    };
-                    answers.push(answer);
+                    answers.push(Answer::of(request.send().await).await);
                 }
                 answers
             });

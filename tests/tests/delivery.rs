@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use zklb_tests::proxy::Relay;
+use zklb_tests::stack::Answer;
 use zklb_tests::{eventually, ControlPlane, Envoy, Stack, ZooKeeper};
 use zookeeper_client::{Acls, CreateMode, MultiWriter};
 
@@ -332,7 +333,7 @@ async fn a_missing_root_at_start_publishes_nothing_until_it_exists() {
 /// while it does not know the service or its instances yet, then the backend. Anything else
 /// (Envoy's plain 503 for a cluster it does not have yet, or for a cluster without members) is
 /// a request that failed because the filter got ahead of Envoy.
-fn documented(answer: &zklb_tests::stack::Answer) -> bool {
+fn documented(answer: &Answer) -> bool {
     let error = answer.body["error"].as_str().unwrap_or_default();
     match answer.status {
         200 => answer.backend().is_some(),
@@ -367,18 +368,7 @@ async fn a_burst_of_new_services_under_load_costs_no_failed_request() {
                     break;
                 }
                 let name = &names[next % names.len()];
-                let answer = match http.get(&url).header("host", name).send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let text = response.text().await.unwrap_or_default();
-                        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                        zklb_tests::stack::Answer { status, body }
-                    }
-                    Err(error) => zklb_tests::stack::Answer {
-                        status: 0,
-                        body: Value::String(error.to_string()),
-                    },
-                };
+                let answer = Answer::of(http.get(&url).header("host", name).send().await).await;
                 if answer.status == 200 {
                     served.insert(name.clone());
                 }

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// ordered candidate hosts (`ip:port,ip:port,...`): attempt k goes to entry k.
 pub const CANDIDATES_HEADER: &str = "x-zklb-candidates";
 
+/// Response header naming the upstream that answered, when the filter's debug headers are on
+/// (they also echo the request's candidates in [`CANDIDATES_HEADER`]).
+pub const UPSTREAM_HEADER: &str = "x-zklb-upstream";
+
 /// Request header in which the filter names the Envoy cluster of the chosen service; the route
 /// selects its cluster with `cluster_header`.
 pub const CLUSTER_HEADER: &str = "x-zklb-cluster";

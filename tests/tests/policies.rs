@@ -1,0 +1,114 @@
+//! Envoy follows the filter's choice: weighted shares that Envoy's own random fallback could not
+//! produce, and every request at the upstream the filter put first.
+
+use zklb_tests::stats::{chi_square, fits_shares};
+use zklb_tests::Stack;
+use zookeeper_client::{Acls, CreateMode};
+
+/// Registers `ports` as the instances of `service`, with `weights`, as Spring Cloud and Dubbo 3
+/// write a Curator instance's weight (`payload.metadata.weight`).
+async fn register_weighted(stack: &Stack, service: &str, ports: &[u16], weights: &[u32]) {
+    let zookeeper = stack.zookeeper.client().await;
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    let directory = format!("{}/{service}", stack.root);
+    zookeeper
+        .mkdir(&directory, &persistent)
+        .await
+        .expect("creating the service");
+    for (port, weight) in ports.iter().zip(weights) {
+        let instance = serde_json::json!({
+            "id": format!("w{port}"), "address": "127.0.0.1", "port": port,
+            "payload": {"metadata": {"weight": weight.to_string()}},
+        });
+        zookeeper
+            .create(
+                &format!("{directory}/w{port}"),
+                &serde_json::to_vec(&instance).expect("json"),
+                &persistent,
+            )
+            .await
+            .expect("registering");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weighted_random_shares_follow_the_registry_weights_through_envoy() {
+    let stack = Stack::start_with_router_options(r#""policy": "weighted_random""#).await;
+    // The backends register themselves under a service of their own; the weighted service
+    // names the same processes with weights.
+    let backends = [
+        stack.backend("plain", "b1").await,
+        stack.backend("plain", "b2").await,
+        stack.backend("plain", "b3").await,
+    ];
+    let ports: Vec<u16> = backends.iter().map(|backend| backend.port).collect();
+    let weights = [1, 2, 5];
+    register_weighted(&stack, "weighted", &ports, &weights).await;
+    stack
+        .wait_for_backends("weighted", &["b1", "b2", "b3"])
+        .await;
+
+    let answers = stack.requests("weighted", 4_000, 8).await;
+    assert!(answers.iter().all(|answer| answer.status == 200));
+    let counts = Stack::count_by_backend(&answers);
+    let observed: Vec<u64> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|id| counts.get(*id).copied().unwrap_or(0))
+        .collect();
+    let shares: Vec<f64> = weights
+        .iter()
+        .map(|&weight| f64::from(weight) / 8.0)
+        .collect();
+    println!(
+        "weights {weights:?}: shares {observed:?}, chi-square {:.2}",
+        chi_square(&observed, &shares)
+    );
+    // Envoy's random fallback would spread evenly: these shares come from the filter's picks.
+    assert!(
+        fits_shares(&observed, &shares),
+        "shares {observed:?} do not follow weights {weights:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_request_reaches_the_filters_first_candidate() {
+    let stack = Stack::start_with_router_options(r#""debug_headers": true"#).await;
+    let _backends = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+        stack.backend("echo", "b3").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+
+    let retries = format!(
+        "cluster.{}.upstream_rq_retry",
+        zklb_wire::cluster_name("echo")
+    );
+    let retries_before = stack.envoy.stat(&retries).await;
+    let answers = stack.requests("echo", 900, 6).await;
+    assert_eq!(
+        stack.envoy.stat(&retries).await,
+        retries_before,
+        "a retry went to another candidate"
+    );
+    let mut firsts = std::collections::BTreeMap::new();
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let candidates = answer
+            .header(zklb_wire::CANDIDATES_HEADER)
+            .unwrap_or_else(|| panic!("no candidates in {answer:?}"));
+        let first = candidates.split(',').next().unwrap_or_default();
+        assert_eq!(
+            answer.header(zklb_wire::UPSTREAM_HEADER),
+            Some(first),
+            "Envoy did not follow the filter's first candidate: {answer:?}"
+        );
+        *firsts.entry(first.to_string()).or_insert(0u64) += 1;
+    }
+    println!("first candidates, each the upstream that answered: {firsts:?}");
+    assert_eq!(
+        firsts.len(),
+        3,
+        "every backend was somebody's first candidate"
+    );
+}
