@@ -1,6 +1,8 @@
 //! Choosing the hosts of one request by the service's policy: a primary, then distinct fallbacks
 //! drawn by the same policy from the hosts not yet chosen.
 
+use std::collections::HashMap;
+
 use rand::seq::index;
 use rand::Rng;
 use serde::Deserialize;
@@ -32,6 +34,8 @@ pub struct Hosts {
     hosts: Vec<Host>,
     /// `cumulative[i]` is the sum of the weights of hosts `0..=i`.
     cumulative: Vec<u64>,
+    /// Where each address is in `hosts`.
+    positions: HashMap<String, usize>,
 }
 
 /// Draws that hit a host already chosen before an exact draw over the rest takes over.
@@ -46,7 +50,16 @@ impl Hosts {
                 Some(*sum)
             })
             .collect();
-        Hosts { hosts, cumulative }
+        let positions = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| (host.address.clone(), i))
+            .collect();
+        Hosts {
+            hosts,
+            cumulative,
+            positions,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -55,6 +68,68 @@ impl Hosts {
 
     pub fn addresses(&self) -> impl Iterator<Item = &str> {
         self.hosts.iter().map(|host| host.address.as_str())
+    }
+
+    /// Up to `count` distinct hosts in the order they are to be tried, those in `avoid` (ejected
+    /// hosts) after all others: still tried, but last. Past `max_avoided_share` of the hosts,
+    /// `avoid` is ignored.
+    pub fn choose_avoiding<'a>(
+        &self,
+        policy: Policy,
+        count: usize,
+        avoid: impl Iterator<Item = &'a str>,
+        max_avoided_share: f64,
+        rng: &mut impl Rng,
+    ) -> Vec<&Host> {
+        let avoided: Vec<usize> = avoid
+            .filter_map(|address| self.positions.get(address).copied())
+            .collect();
+        let too_many = avoided.len() as f64 > max_avoided_share * self.hosts.len() as f64;
+        if avoided.is_empty() || too_many {
+            return self.choose(policy, count, rng);
+        }
+        let preferred: Vec<usize> = (0..self.hosts.len())
+            .filter(|i| !avoided.contains(i))
+            .collect();
+        let mut chosen = self.draw_among(&preferred, policy, count, rng);
+        let more = count - chosen.len();
+        chosen.extend(self.draw_among(&avoided, policy, more, rng));
+        chosen.into_iter().map(|i| &self.hosts[i]).collect()
+    }
+
+    /// Up to `count` of the hosts at `among`, drawn one after the other by `policy`.
+    fn draw_among(
+        &self,
+        among: &[usize],
+        policy: Policy,
+        count: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<usize> {
+        let weight = |i: usize| u64::from(self.hosts[i].weight);
+        let weighted = policy == Policy::WeightedRandom && among.iter().any(|&i| weight(i) > 0);
+        if !weighted {
+            let amount = count.min(among.len());
+            return index::sample(rng, among.len(), amount)
+                .into_iter()
+                .map(|k| among[k])
+                .collect();
+        }
+        let mut rest: Vec<usize> = among.iter().copied().filter(|&i| weight(i) > 0).collect();
+        let mut chosen = Vec::with_capacity(count.min(rest.len()));
+        while chosen.len() < count && !rest.is_empty() {
+            let total: u64 = rest.iter().map(|&i| weight(i)).sum();
+            let mut point = rng.random_range(0..total);
+            let mut at = rest.len() - 1;
+            for (k, &i) in rest.iter().enumerate() {
+                if point < weight(i) {
+                    at = k;
+                    break;
+                }
+                point -= weight(i);
+            }
+            chosen.push(rest.swap_remove(at));
+        }
+        chosen
     }
 
     /// Up to `count` distinct hosts in the order they are to be tried.
@@ -227,6 +302,64 @@ mod tests {
         assert!(
             chi_square < CRITICAL[1],
             "chi-square {chi_square} for {counts:?}"
+        );
+    }
+
+    #[test]
+    fn avoided_hosts_are_tried_last() {
+        let mut rng = SmallRng::seed_from_u64(13);
+        for policy in [Policy::Random, Policy::WeightedRandom] {
+            let four = hosts(&[1, 2, 3, 4]);
+            for _ in 0..500 {
+                let chosen =
+                    four.choose_avoiding(policy, 4, ["10.0.0.3:80"].into_iter(), 0.5, &mut rng);
+                assert_eq!(chosen.len(), 4);
+                assert_eq!(chosen[3].address, "10.0.0.3:80", "{policy:?}");
+            }
+            let three = four.choose_avoiding(policy, 3, ["10.0.0.3:80"].into_iter(), 0.5, &mut rng);
+            assert!(three.iter().all(|host| host.address != "10.0.0.3:80"));
+        }
+    }
+
+    #[test]
+    fn the_preferred_hosts_keep_the_policys_proportions() {
+        let four = hosts(&[1, 2, 3, 4]);
+        let mut counts = [0u64; 4];
+        let mut rng = SmallRng::seed_from_u64(17);
+        for _ in 0..30_000 {
+            let first = four.choose_avoiding(
+                Policy::WeightedRandom,
+                3,
+                ["10.0.0.3:80"].into_iter(),
+                0.5,
+                &mut rng,
+            )[0];
+            counts[index_of(first)] += 1;
+        }
+        assert_eq!(counts[3], 0);
+        let chi_square = fits(&counts[..3], &[1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]);
+        assert!(
+            chi_square < CRITICAL[1],
+            "chi-square {chi_square} for {counts:?}"
+        );
+    }
+
+    #[test]
+    fn past_the_panic_share_avoidance_is_ignored() {
+        let four = hosts(&[1, 1, 1, 1]);
+        let mut rng = SmallRng::seed_from_u64(19);
+        let avoid = ["10.0.0.0:80", "10.0.0.1:80", "10.0.0.2:80"];
+        let firsts: HashSet<String> = (0..400)
+            .map(|_| {
+                four.choose_avoiding(Policy::Random, 3, avoid.into_iter(), 0.5, &mut rng)[0]
+                    .address
+                    .clone()
+            })
+            .collect();
+        assert_eq!(
+            firsts.len(),
+            4,
+            "three of four avoided is past half: all stay first"
         );
     }
 

@@ -7,10 +7,11 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::balancer::Policy;
+use crate::ejection::EjectionPolicy;
 
 /// What a root context was configured to be, from its JSON plugin configuration
 /// (`{"role": "poller", ...}` or `{"role": "router", ...}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PluginConfig {
     Poller(PollerConfig),
     Router(RouterConfig),
@@ -28,7 +29,7 @@ pub struct PollerConfig {
 }
 
 /// The HTTP filter that chooses the upstream candidates of every request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouterConfig {
     /// Candidates written per request: the route's `num_retries` + 1, so that every attempt goes
     /// to a different host.
@@ -40,6 +41,8 @@ pub struct RouterConfig {
     /// Whether responses say which candidates were chosen and which upstream answered
     /// (`x-zklb-candidates`, `x-zklb-upstream`): for debugging and tests, off by default.
     pub debug_headers: bool,
+    /// Passive ejection of failing hosts, shared by every worker; `None` when turned off.
+    pub ejection: Option<EjectionPolicy>,
 }
 
 impl RouterConfig {
@@ -75,6 +78,61 @@ struct RawRouter {
     services: BTreeMap<String, RawService>,
     #[serde(default)]
     debug_headers: bool,
+    #[serde(default)]
+    ejection: RawEjection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEjection {
+    enabled: bool,
+    consecutive_failures: u32,
+    base_ms: u64,
+    max_ms: u64,
+    max_ejected_percent: u32,
+}
+
+impl Default for RawEjection {
+    fn default() -> RawEjection {
+        let policy = EjectionPolicy::default();
+        RawEjection {
+            enabled: true,
+            consecutive_failures: policy.consecutive_failures,
+            base_ms: policy.base_ms,
+            max_ms: policy.max_ms,
+            max_ejected_percent: (policy.max_ejected_share * 100.0) as u32,
+        }
+    }
+}
+
+impl RawEjection {
+    fn policy(self) -> Result<Option<EjectionPolicy>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let invalid = |reason: String| Err(ConfigError(format!("router: ejection.{reason}")));
+        if self.consecutive_failures == 0 {
+            return invalid("consecutive_failures must be at least 1".into());
+        }
+        if self.base_ms == 0 || self.max_ms < self.base_ms {
+            return invalid(format!(
+                "base_ms must be positive and at most max_ms, got {} and {}",
+                self.base_ms, self.max_ms
+            ));
+        }
+        if self.max_ejected_percent > 100 {
+            return invalid(format!(
+                "max_ejected_percent must be at most 100, got {}",
+                self.max_ejected_percent
+            ));
+        }
+        Ok(Some(EjectionPolicy {
+            consecutive_failures: self.consecutive_failures,
+            base_ms: self.base_ms,
+            max_ms: self.max_ms,
+            max_ejected_share: f64::from(self.max_ejected_percent) / 100.0,
+        }))
+    }
 }
 
 #[derive(Deserialize)]
@@ -162,6 +220,7 @@ impl PluginConfig {
                         .map(|(name, service)| (name, service.policy))
                         .collect(),
                     debug_headers: raw.debug_headers,
+                    ejection: raw.ejection.policy()?,
                 }))
             }
         }
@@ -188,6 +247,7 @@ mod tests {
                 policy: Policy::Random,
                 services: BTreeMap::new(),
                 debug_headers: false,
+                ejection: Some(EjectionPolicy::default()),
             })
         );
     }
@@ -205,6 +265,13 @@ mod tests {
         assert_eq!(config.policy_for("orders"), Policy::WeightedRandom);
         assert_eq!(config.policy_for("cache"), Policy::Random);
         assert!(config.debug_headers);
+        let off = PluginConfig::parse(
+            br#"{"role": "router", "retries": 1, "ejection": {"enabled": false}}"#,
+        );
+        assert!(matches!(
+            off,
+            Ok(PluginConfig::Router(RouterConfig { ejection: None, .. }))
+        ));
     }
 
     #[test]
@@ -239,6 +306,14 @@ mod tests {
             r#"{"role": "router", "retries": 2, "services": {"a b": {"policy": "random"}}}"#
         )
         .contains("is not a service name"));
+        assert!(rejection(
+            r#"{"role": "router", "retries": 2, "ejection": {"consecutive_failures": 0}}"#
+        )
+        .contains("ejection.consecutive_failures must be at least 1"));
+        assert!(
+            rejection(r#"{"role": "router", "retries": 2, "ejection": {"after": 3}}"#)
+                .contains("unknown field `after`")
+        );
         assert!(
             rejection(r#"{"role": "poller", "control_plane_cluster": ""}"#)
                 .contains("must not be empty")

@@ -12,6 +12,7 @@
 
 pub mod balancer;
 pub mod config;
+pub mod ejection;
 pub mod plan;
 pub mod shared;
 pub mod table;

@@ -21,10 +21,12 @@ pub struct Refusal {
     pub reason: String,
 }
 
-pub fn plan_request(
+/// The plan of one request; hosts in `ejected` are tried after all others.
+pub fn plan_request<'a>(
     table: Option<&ServiceTable>,
     authority: &str,
     config: &RouterConfig,
+    ejected: impl Iterator<Item = &'a str>,
     rng: &mut impl Rng,
 ) -> Result<Plan, Refusal> {
     let Some(table) = table else {
@@ -44,7 +46,13 @@ pub fn plan_request(
         }
     };
     let policy = config.policy_for(&route.name);
-    let chosen = route.hosts.choose(policy, config.candidates, rng);
+    let max_ejected_share = config
+        .ejection
+        .map_or(0.0, |ejection| ejection.max_ejected_share);
+    let chosen =
+        route
+            .hosts
+            .choose_avoiding(policy, config.candidates, ejected, max_ejected_share, rng);
     if chosen.is_empty() {
         return Err(Refusal {
             status: 503,
@@ -96,7 +104,14 @@ mod tests {
     fn a_known_service_gets_its_cluster_and_distinct_candidates() {
         let table = table(&[8001, 8002, 8003, 8004]);
         let mut rng = SmallRng::seed_from_u64(3);
-        let plan = plan_request(Some(&table), "echo:10000", &config(), &mut rng).expect("routable");
+        let plan = plan_request(
+            Some(&table),
+            "echo:10000",
+            &config(),
+            std::iter::empty(),
+            &mut rng,
+        )
+        .expect("routable");
         assert_eq!(plan.cluster, zklb_wire::cluster_name("echo"));
         let hosts: Vec<&str> = plan.candidates.split(',').collect();
         assert_eq!(hosts.len(), 3);
@@ -110,14 +125,22 @@ mod tests {
             Some(&table(&[8001])),
             "zklb_control_plane",
             &config(),
+            std::iter::empty(),
             &mut rng,
         );
         assert_eq!(unknown.expect_err("refused").status, 404);
-        let empty =
-            plan_request(Some(&table(&[])), "echo", &config(), &mut rng).expect_err("refused");
+        let empty = plan_request(
+            Some(&table(&[])),
+            "echo",
+            &config(),
+            std::iter::empty(),
+            &mut rng,
+        )
+        .expect_err("refused");
         assert_eq!(empty.status, 503);
         assert!(empty.reason.contains("no available instances"));
-        let unloaded = plan_request(None, "echo", &config(), &mut rng).expect_err("refused");
+        let unloaded = plan_request(None, "echo", &config(), std::iter::empty(), &mut rng)
+            .expect_err("refused");
         assert_eq!(unloaded.status, 503);
     }
 }

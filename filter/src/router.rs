@@ -6,20 +6,22 @@ use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType};
+use proxy_wasm::types::{Action, MapType, Status};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use zklb_wire::{ErrorBody, Service, Version};
 
 use crate::config::RouterConfig;
+use crate::ejection::{attempts_outcomes, EjectionPolicy, Ejections, Outcome};
 use crate::plan::plan_request;
-use crate::shared::{service_key, Index, INDEX_KEY, VERSION_KEY};
+use crate::shared::{service_key, Index, EJECTIONS_KEY, INDEX_KEY, VERSION_KEY};
 use crate::table::ServiceTable;
 
 /// One per worker: that worker's copy of the service table, shared by its requests.
 pub struct RouterRoot {
     config: Rc<RouterConfig>,
     table: Rc<RefCell<LoadedTable>>,
+    ejections: Rc<RefCell<SharedEjections>>,
     rng: Rc<RefCell<SmallRng>>,
 }
 
@@ -89,11 +91,100 @@ impl LoadedTable {
     }
 }
 
+/// The ejection table as this worker last read it from shared data.
+#[derive(Default)]
+struct SharedEjections {
+    table: Ejections,
+    /// The shared entry's compare-and-swap token when read; `None` forces the next read.
+    cas: Option<u32>,
+}
+
+/// Tries at writing the shared table before an outcome is given up (another worker wrote it
+/// each time in between).
+const CAS_ATTEMPTS: usize = 8;
+
+impl SharedEjections {
+    /// Reads the shared table if another worker changed it.
+    fn refresh(&mut self) {
+        let Ok((bytes, cas)) = hostcalls::get_shared_data(EJECTIONS_KEY) else {
+            return;
+        };
+        if cas.is_some() && cas == self.cas {
+            return;
+        }
+        self.table = parse_ejections(bytes.as_deref());
+        self.cas = cas;
+    }
+
+    /// Records what a finished request says about its hosts, with compare-and-swap so that no
+    /// worker's outcome overwrites another's.
+    fn record(&mut self, outcomes: &[(&str, Outcome)], now_ms: u64, policy: &EjectionPolicy) {
+        // A success of a host without a record changes nothing: a healthy fleet writes nothing.
+        let unchanging = outcomes
+            .iter()
+            .all(|(host, outcome)| *outcome == Outcome::Success && !self.table.knows(host));
+        if unchanging {
+            return;
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            let Ok((bytes, cas)) = hostcalls::get_shared_data(EJECTIONS_KEY) else {
+                return;
+            };
+            let mut table = parse_ejections(bytes.as_deref());
+            let mut changed = false;
+            for (host, outcome) in outcomes {
+                changed |= table.record(host, *outcome, now_ms, policy);
+            }
+            if !changed {
+                self.table = table;
+                self.cas = cas;
+                return;
+            }
+            let json = serde_json::to_vec(&table).unwrap_or_default();
+            match hostcalls::set_shared_data(EJECTIONS_KEY, Some(&json), cas) {
+                Ok(()) => {
+                    for host in table
+                        .ejected(now_ms)
+                        .filter(|host| !self.table.is_ejected(host, now_ms))
+                    {
+                        log::warn!("zklb: ejecting {host} after consecutive failures");
+                    }
+                    self.table = table;
+                    self.cas = None;
+                    return;
+                }
+                Err(Status::CasMismatch) => continue,
+                Err(status) => {
+                    log::error!("zklb: cannot share host failures: {status:?}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn parse_ejections(bytes: Option<&[u8]>) -> Ejections {
+    bytes
+        .filter(|bytes| !bytes.is_empty())
+        .and_then(|bytes| serde_json::from_slice(bytes).ok())
+        .unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|now| now.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 impl RouterRoot {
     pub fn start(config: RouterConfig) -> RouterRoot {
         RouterRoot {
             config: Rc::new(config),
             table: Rc::new(RefCell::new(LoadedTable::default())),
+            ejections: Rc::new(RefCell::new(SharedEjections::default())),
             rng: Rc::new(RefCell::new(seeded_rng())),
         }
     }
@@ -102,6 +193,7 @@ impl RouterRoot {
         Request {
             config: Rc::clone(&self.config),
             table: Rc::clone(&self.table),
+            ejections: Rc::clone(&self.ejections),
             rng: Rc::clone(&self.rng),
             candidates: None,
         }
@@ -125,8 +217,9 @@ fn seeded_rng() -> SmallRng {
 pub struct Request {
     config: Rc<RouterConfig>,
     table: Rc<RefCell<LoadedTable>>,
+    ejections: Rc<RefCell<SharedEjections>>,
     rng: Rc<RefCell<SmallRng>>,
-    /// The candidates written for this request, kept for the debug headers.
+    /// The candidates written for this request, to learn from its outcome.
     candidates: Option<String>,
 }
 
@@ -146,19 +239,28 @@ impl HttpContext for Request {
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default();
         self.table.borrow_mut().refresh();
+        if self.config.ejection.is_some() {
+            self.ejections.borrow_mut().refresh();
+        }
+        let ejections = self.ejections.borrow();
+        let now = if ejections.table.is_empty() {
+            0
+        } else {
+            now_ms()
+        };
         let planned = plan_request(
             self.table.borrow().loaded(),
             &authority,
             &self.config,
+            ejections.table.ejected(now),
             &mut *self.rng.borrow_mut(),
         );
+        drop(ejections);
         match planned {
             Ok(plan) => {
                 self.set_http_request_header(zklb_wire::CLUSTER_HEADER, Some(&plan.cluster));
                 self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, Some(&plan.candidates));
-                if self.config.debug_headers {
-                    self.candidates = Some(plan.candidates);
-                }
+                self.candidates = Some(plan.candidates);
                 Action::Continue
             }
             Err(refusal) => {
@@ -180,14 +282,44 @@ impl HttpContext for Request {
         let Some(candidates) = self.candidates.take() else {
             return Action::Continue;
         };
-        self.set_http_response_header(zklb_wire::CANDIDATES_HEADER, Some(&candidates));
+        let response_header = |name: &str| {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+                .ok()
+                .flatten()
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        };
         let upstream = hostcalls::get_property(vec!["upstream", "address"])
             .ok()
             .flatten()
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-        if let Some(upstream) = upstream {
-            self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(&upstream));
+        if let Some(policy) = &self.config.ejection {
+            // Envoy counts the attempts when the route asks it to (envoy.yaml does).
+            let attempts = response_header(ATTEMPT_COUNT_HEADER)
+                .and_then(|count| count.parse().ok())
+                .or(upstream.as_ref().map(|_| 1));
+            let status = response_header(":status")
+                .and_then(|status| status.parse().ok())
+                .unwrap_or(0);
+            if let Some(attempts) = attempts {
+                let outcomes =
+                    attempts_outcomes(&candidates, attempts, upstream.as_deref(), status);
+                self.ejections
+                    .borrow_mut()
+                    .record(&outcomes, now_ms(), policy);
+            }
+        }
+        if self.config.debug_headers {
+            self.set_http_response_header(zklb_wire::CANDIDATES_HEADER, Some(&candidates));
+            if let Some(upstream) = &upstream {
+                self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(upstream));
+            }
+        } else {
+            self.set_http_response_header(ATTEMPT_COUNT_HEADER, None);
         }
         Action::Continue
     }
 }
+
+/// Envoy's count of a request's attempts, in its response (the route's
+/// `include_attempt_count_in_response`).
+const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";

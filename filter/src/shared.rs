@@ -15,6 +15,9 @@ pub const VERSION_KEY: &str = "zklb.services.version";
 /// The [`Index`].
 pub const INDEX_KEY: &str = "zklb.services.index";
 
+/// The [`crate::ejection::Ejections`] of every worker.
+pub const EJECTIONS_KEY: &str = "zklb.ejections";
+
 /// The shared-data entry holding one service's JSON.
 pub fn service_key(name: &str) -> String {
     format!("zklb.service.{name}")

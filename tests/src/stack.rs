@@ -523,12 +523,14 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A backend answering `status`, on `port` (0: any free one).
     pub async fn start(
         zookeeper: &ZooKeeper,
         root: &str,
         service: &str,
         id: &str,
         status: u16,
+        port: u16,
         dir: &Path,
     ) -> Backend {
         let mut command = Command::new(binary("zklb-demo-backend"));
@@ -537,7 +539,8 @@ impl Backend {
             .args(["--root", root])
             .args(["--service", service])
             .args(["--id", id])
-            .args(["--status", &status.to_string()]);
+            .args(["--status", &status.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
         let process = Child::spawn(&format!("backend-{id}"), command, dir);
         let (port, znode) = eventually(
             START_TIMEOUT,
@@ -709,27 +712,21 @@ impl Stack {
     }
 
     pub async fn backend(&self, service: &str, id: &str) -> Backend {
-        Backend::start(
-            &self.zookeeper,
-            &self.root,
-            service,
-            id,
-            200,
-            self.dir.path(),
-        )
-        .await
+        self.backend_listening_on(service, id, 0).await
     }
 
     pub async fn failing_backend(&self, service: &str, id: &str, status: u16) -> Backend {
-        Backend::start(
-            &self.zookeeper,
-            &self.root,
-            service,
-            id,
-            status,
-            self.dir.path(),
-        )
-        .await
+        self.start_backend(service, id, status, 0).await
+    }
+
+    /// A backend on a given port, as a process restarted where another one was.
+    pub async fn backend_listening_on(&self, service: &str, id: &str, port: u16) -> Backend {
+        self.start_backend(service, id, 200, port).await
+    }
+
+    async fn start_backend(&self, service: &str, id: &str, status: u16, port: u16) -> Backend {
+        let (zookeeper, root, dir) = (&self.zookeeper, &self.root, self.dir.path());
+        Backend::start(zookeeper, root, service, id, status, port, dir).await
     }
 
     /// Sends one request through Envoy for `service`, with extra request headers.

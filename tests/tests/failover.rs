@@ -11,7 +11,8 @@ const CLUSTER: &str = "cluster.zklb_service_echo";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_and_failing_backends_cost_no_client_errors() {
-    let stack = Stack::start().await;
+    // Ejection off: this is about retries, and ejection would stop trying the bad hosts first.
+    let stack = Stack::start_with_router_options(r#""ejection": {"enabled": false}"#).await;
     let ok1 = stack.backend("echo", "ok1").await;
     let ok2 = stack.backend("echo", "ok2").await;
     let sick = stack.failing_backend("echo", "sick", 503).await;
@@ -110,4 +111,83 @@ async fn dead_and_failing_backends_cost_no_client_errors() {
         ok_served, 1_000,
         "the healthy backends served exactly the client requests"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_host_is_ejected_by_every_worker_and_readmitted_when_it_returns() {
+    // Short ejections, so that readmission is quick to see.
+    let stack =
+        Stack::start_with_router_options(r#""ejection": {"base_ms": 1000, "max_ms": 2000}"#).await;
+    let _live = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+        stack.backend("echo", "b3").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+
+    // A registration whose process is gone: nothing listens on its port.
+    let dead_port = free_port();
+    let registrar = stack.zookeeper.client().await;
+    let dead = json!({"id": "dead", "address": "127.0.0.1", "port": dead_port});
+    registrar
+        .create(
+            "/services/echo/dead",
+            &serde_json::to_vec(&dead).expect("json"),
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .expect("registering the dead instance");
+    let connect_failures = format!("{CLUSTER}.upstream_cx_connect_fail");
+    eventually(
+        Duration::from_secs(20),
+        "the dead instance is picked",
+        || async {
+            let answers = stack.requests("echo", 40, 4).await;
+            assert!(answers.iter().all(|answer| answer.status == 200));
+            let failures = stack.envoy.stat(&connect_failures).await;
+            if failures > 0 {
+                Ok(())
+            } else {
+                Err("no connect failure yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    // Once ejected, it is tried only after every live host, so no request needs a retry.
+    let retries = format!("{CLUSTER}.upstream_rq_retry");
+    let retries_before = stack.envoy.stat(&retries).await;
+    let answers = stack.requests("echo", 2_000, 8).await;
+    let retried = stack.envoy.stat(&retries).await - retries_before;
+    let errors = answers.iter().filter(|answer| answer.status != 200).count();
+    println!(
+        "2000 requests with one of four hosts dead and ejected: {retried} retries, {errors} errors"
+    );
+    assert_eq!(errors, 0);
+    // The ejection lasts 1 to 2 s, longer than a few hundred ms of requests, but it may end
+    // once or twice during the batch: each end costs a few retries until the host fails again.
+    assert!(
+        retried * 100 < 2_000,
+        "{retried} of 2000 requests needed a retry (1 % is the target)"
+    );
+
+    // Back: a process listens on the port again, and gets traffic once its ejection ends.
+    let revived = stack
+        .backend_listening_on("other", "revived", dead_port)
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "the returned host gets traffic",
+        || async {
+            let before = revived.stats().await.0;
+            stack.requests("echo", 80, 4).await;
+            let served = revived.stats().await.0 - before;
+            if served > 0 {
+                Ok(())
+            } else {
+                Err("no request reached it".to_string())
+            }
+        },
+    )
+    .await;
 }
