@@ -594,6 +594,12 @@ impl Backend {
     pub fn stop(&mut self) {
         self.process.terminate(STOP_GRACE);
     }
+
+    /// Freezes the process (SIGSTOP): it stays registered and accepts connections, but answers
+    /// nothing, as a hung process does.
+    pub fn freeze(&self) {
+        self.process.signal("STOP");
+    }
 }
 
 /// One whole zklb: ZooKeeper, control plane and Envoy, in one temporary directory.

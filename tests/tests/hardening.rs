@@ -1,0 +1,156 @@
+//! The shipped Envoy configuration holds up against clients and sick backends: forged x-envoy-*
+//! headers change nothing, a hung backend costs one per-try timeout, and a request that is not
+//! idempotent is not sent twice after a 5xx.
+
+use std::time::Duration;
+
+use serde_json::json;
+use zklb_tests::stack::free_port;
+use zklb_tests::{eventually, Stack};
+use zookeeper_client::{Acls, CreateMode};
+
+/// Registers an instance whose process is gone: nothing listens on its port.
+async fn register_dead(stack: &Stack, service: &str) {
+    let registrar = stack.zookeeper.client().await;
+    let dead = json!({"id": "dead", "address": "127.0.0.1", "port": free_port()});
+    registrar
+        .create(
+            &format!("{}/{service}/dead", stack.root),
+            &serde_json::to_vec(&dead).expect("json"),
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .expect("registering the dead instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_envoy_headers_do_not_steer_retries_or_timeouts() {
+    // Ejection off, so that the dead host keeps being tried first now and then.
+    let stack = Stack::start_with_router_options(r#""ejection": {"enabled": false}"#).await;
+    let _live = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    register_dead(&stack, "echo").await;
+    let connect_failures = "cluster.zklb_service_echo.upstream_cx_connect_fail";
+    eventually(
+        Duration::from_secs(20),
+        "the dead host is tried",
+        || async {
+            stack.requests("echo", 20, 2).await;
+            if stack.envoy.stat(connect_failures).await > 0 {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    let forged = [
+        ("x-envoy-max-retries", "0"),
+        ("x-envoy-retry-on", "5xx"),
+        ("x-envoy-upstream-rq-timeout-ms", "1"),
+        ("x-envoy-upstream-rq-per-try-timeout-ms", "1"),
+        ("x-forwarded-for", "127.0.0.1"),
+    ];
+    let answers = stack.requests_with("echo", &forged, 600, 6).await;
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|answer| answer.status != 200)
+        .collect();
+    // A third of first attempts go to the dead host: with the forged headers obeyed, they
+    // would fail instead of being retried.
+    assert!(
+        failed.is_empty(),
+        "{} of 600 requests failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_backend_costs_a_per_try_timeout_not_a_failed_request() {
+    let stack = Stack::start().await;
+    let backends = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+        stack.backend("echo", "hung").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2", "hung"]).await;
+    backends[2].freeze();
+
+    let answers = stack.requests("echo", 120, 6).await;
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|answer| answer.status != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 120 requests failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let counts = Stack::count_by_backend(&answers);
+    assert_eq!(counts.get("hung"), None);
+    let timeouts = stack
+        .envoy
+        .stat("cluster.zklb_service_echo.upstream_rq_per_try_timeout")
+        .await;
+    println!(
+        "120 requests with one of three backends hung: {timeouts} per-try timeouts, {counts:?}"
+    );
+    assert!(timeouts > 0, "the hung backend was never tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_idempotent_requests_are_retried_after_a_5xx() {
+    // Ejection off, so that the failing host stays a first candidate.
+    let stack = Stack::start_with_router_options(r#""ejection": {"enabled": false}"#).await;
+    let _ok = stack.backend("echo", "ok").await;
+    stack.wait_for_backends("echo", &["ok"]).await;
+    let sick = stack.failing_backend("echo", "sick", 503).await;
+    eventually(
+        Duration::from_secs(20),
+        "the 503 backend is tried",
+        || async {
+            stack.requests("echo", 20, 2).await;
+            if sick.stats().await.0 > 0 {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    let url = format!("http://127.0.0.1:{}/orders", stack.envoy.listen_port);
+    let mut posts_failed = 0;
+    let mut gets_failed = 0;
+    for _ in 0..200 {
+        let post = stack.http.post(&url).header("host", "echo").body("{}");
+        if post
+            .send()
+            .await
+            .map_or(true, |answer| answer.status() != 200)
+        {
+            posts_failed += 1;
+        }
+        let get = stack.http.get(&url).header("host", "echo");
+        if get
+            .send()
+            .await
+            .map_or(true, |answer| answer.status() != 200)
+        {
+            gets_failed += 1;
+        }
+    }
+    let (sick_answered, _) = sick.stats().await;
+    println!("200 POSTs and 200 GETs, half of first attempts at a 503 backend: {posts_failed} POSTs and {gets_failed} GETs failed ({sick_answered} answered 503)");
+    assert_eq!(gets_failed, 0, "GETs are retried on the next candidate");
+    assert!(
+        posts_failed > 0,
+        "a POST that got a 503 was sent again, which is not safe for a request that is not idempotent"
+    );
+}
