@@ -227,10 +227,6 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // Whatever the client sent in our headers must never steer routing.
-        self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, None);
-        self.set_http_request_header(zklb_wire::CLUSTER_HEADER, None);
-
         // As bytes: the SDK's string getter panics on a header that is not UTF-8. Such a host
         // names no service, and is refused as unknown.
         let authority = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":authority")
@@ -258,6 +254,8 @@ impl HttpContext for Request {
         drop(ejections);
         match planned {
             Ok(plan) => {
+                // Setting replaces every value a client sent: what it wrote in these headers
+                // never steers routing. A refused request goes nowhere, with or without them.
                 self.set_http_request_header(zklb_wire::CLUSTER_HEADER, Some(&plan.cluster));
                 self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, Some(&plan.candidates));
                 self.candidates = Some(plan.candidates);
@@ -288,30 +286,39 @@ impl HttpContext for Request {
                 .flatten()
                 .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         };
-        let upstream = hostcalls::get_property(vec!["upstream", "address"])
-            .ok()
-            .flatten()
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        let upstream = || {
+            hostcalls::get_property(vec!["upstream", "address"])
+                .ok()
+                .flatten()
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        };
         if let Some(policy) = &self.config.ejection {
             // Envoy counts the attempts when the route asks it to (envoy.yaml does).
-            let attempts = response_header(ATTEMPT_COUNT_HEADER)
-                .and_then(|count| count.parse().ok())
-                .or(upstream.as_ref().map(|_| 1));
+            let attempts: Option<usize> =
+                response_header(ATTEMPT_COUNT_HEADER).and_then(|count| count.parse().ok());
             let status = response_header(":status")
                 .and_then(|status| status.parse().ok())
                 .unwrap_or(0);
-            if let Some(attempts) = attempts {
-                let outcomes =
-                    attempts_outcomes(&candidates, attempts, upstream.as_deref(), status);
-                self.ejections
-                    .borrow_mut()
-                    .record(&outcomes, now_ms(), policy);
+            let first = candidates.split(',').next().unwrap_or_default();
+            // The common case, a first attempt that answered for a host without a record,
+            // changes nothing: no more host calls.
+            let uneventful =
+                attempts == Some(1) && status < 500 && !self.ejections.borrow().table.knows(first);
+            if !uneventful {
+                let upstream = upstream();
+                if let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) {
+                    let outcomes =
+                        attempts_outcomes(&candidates, attempts, upstream.as_deref(), status);
+                    self.ejections
+                        .borrow_mut()
+                        .record(&outcomes, now_ms(), policy);
+                }
             }
         }
         if self.config.debug_headers {
             self.set_http_response_header(zklb_wire::CANDIDATES_HEADER, Some(&candidates));
-            if let Some(upstream) = &upstream {
-                self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(upstream));
+            if let Some(upstream) = upstream() {
+                self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(&upstream));
             }
         } else {
             self.set_http_response_header(ATTEMPT_COUNT_HEADER, None);
