@@ -19,6 +19,15 @@ pub enum Policy {
     WeightedRandom,
 }
 
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Random => "random",
+            Policy::WeightedRandom => "weighted_random",
+        }
+    }
+}
+
 /// One routable instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Host {

@@ -17,6 +17,7 @@ pub mod plan;
 pub mod shared;
 pub mod table;
 
+mod metrics;
 mod poller;
 mod router;
 
@@ -33,7 +34,7 @@ proxy_wasm::main! {{
 /// A root context whose role is chosen by its plugin configuration.
 enum Root {
     Unconfigured,
-    Poller(poller::Poller),
+    Poller(Box<poller::Poller>),
     Router(router::RouterRoot),
 }
 
@@ -56,7 +57,7 @@ impl RootContext for Root {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match PluginConfig::parse(&bytes) {
             Ok(PluginConfig::Poller(config)) => {
-                *self = Root::Poller(poller::Poller::start(config));
+                *self = Root::Poller(Box::new(poller::Poller::start(config)));
                 true
             }
             Ok(PluginConfig::Router(config)) => {

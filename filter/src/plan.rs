@@ -3,12 +3,15 @@
 
 use rand::Rng;
 
+use crate::balancer::Policy;
 use crate::config::RouterConfig;
 use crate::table::{Lookup, ServiceTable};
 
 /// Where a request goes: the headers the filter writes for the router and `override_host`.
 #[derive(Debug, PartialEq)]
 pub struct Plan {
+    pub service: String,
+    pub policy: Policy,
     pub cluster: String,
     /// `ip:port,ip:port,...`: attempt k goes to entry k.
     pub candidates: String,
@@ -19,6 +22,25 @@ pub struct Plan {
 pub struct Refusal {
     pub status: u32,
     pub reason: String,
+    pub kind: RefusalKind,
+}
+
+/// Why a request was refused, as the metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    NotLoaded,
+    UnknownService,
+    NoInstances,
+}
+
+impl RefusalKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalKind::NotLoaded => "not_loaded",
+            RefusalKind::UnknownService => "unknown_service",
+            RefusalKind::NoInstances => "no_instances",
+        }
+    }
 }
 
 /// The plan of one request; hosts in `ejected` are tried after all others.
@@ -34,6 +56,7 @@ pub fn plan_request<'a>(
         return Err(Refusal {
             status: 503,
             reason: "zklb has not loaded the service list yet".into(),
+            kind: RefusalKind::NotLoaded,
         });
     };
     let route = match table.lookup(authority) {
@@ -42,6 +65,7 @@ pub fn plan_request<'a>(
             return Err(Refusal {
                 status: 404,
                 reason: format!("no service named {service:?} is registered"),
+                kind: RefusalKind::UnknownService,
             })
         }
     };
@@ -57,9 +81,12 @@ pub fn plan_request<'a>(
         return Err(Refusal {
             status: 503,
             reason: format!("service {:?} has no available instances", route.name),
+            kind: RefusalKind::NoInstances,
         });
     }
     Ok(Plan {
+        service: route.name.clone(),
+        policy,
         cluster: route.cluster.clone(),
         candidates: chosen
             .iter()

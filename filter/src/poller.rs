@@ -7,6 +7,7 @@ use proxy_wasm::hostcalls;
 use zklb_wire::{ServiceChanges, Version};
 
 use crate::config::PollerConfig;
+use crate::metrics::Metrics;
 use crate::shared::{service_key, Index, Publication, INDEX_KEY, VERSION_KEY};
 
 /// Extra time Envoy gives a poll beyond the control plane's hold, so that a held poll ends with
@@ -19,6 +20,9 @@ pub struct Poller {
     published: Option<Version>,
     /// What has been published, service by service.
     index: Index,
+    /// When the control plane last read ZooKeeper for the list published, in ms since the epoch.
+    last_sync_ms: Option<i64>,
+    metrics: Metrics,
     in_flight: bool,
     /// After a failed poll, no new one starts before this instant.
     next_attempt: Option<SystemTime>,
@@ -38,6 +42,8 @@ impl Poller {
             config,
             published: None,
             index: Index::default(),
+            last_sync_ms: None,
+            metrics: Metrics::default(),
             in_flight: false,
             next_attempt: None,
             node: node_id(),
@@ -47,6 +53,13 @@ impl Poller {
     }
 
     pub fn on_tick(&mut self) {
+        if let Some(last_sync_ms) = self.last_sync_ms {
+            let now_ms = now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as i64);
+            let age = (now_ms - last_sync_ms).max(0) / 1_000;
+            self.metrics.set("zklb.list_age_seconds", age as u64);
+        }
         let due = self.next_attempt.is_none_or(|at| now() >= at);
         if !self.in_flight && due {
             self.poll();
@@ -151,6 +164,11 @@ impl Poller {
             );
         }
         self.published = Some(changes.version);
+        self.last_sync_ms = changes.freshness.last_sync;
+        self.metrics.set(
+            "zklb.list_version",
+            u64::try_from(changes.version).unwrap_or(0),
+        );
         true
     }
 

@@ -13,6 +13,7 @@ use zklb_wire::{ErrorBody, Service, Version};
 
 use crate::config::RouterConfig;
 use crate::ejection::{attempts_outcomes, EjectionPolicy, Ejections, Outcome};
+use crate::metrics::Metrics;
 use crate::plan::plan_request;
 use crate::shared::{service_key, Index, EJECTIONS_KEY, INDEX_KEY, VERSION_KEY};
 use crate::table::ServiceTable;
@@ -22,6 +23,7 @@ pub struct RouterRoot {
     config: Rc<RouterConfig>,
     table: Rc<RefCell<LoadedTable>>,
     ejections: Rc<RefCell<SharedEjections>>,
+    metrics: Rc<RefCell<Metrics>>,
     rng: Rc<RefCell<SmallRng>>,
 }
 
@@ -118,7 +120,13 @@ impl SharedEjections {
 
     /// Records what a finished request says about its hosts, with compare-and-swap so that no
     /// worker's outcome overwrites another's.
-    fn record(&mut self, outcomes: &[(&str, Outcome)], now_ms: u64, policy: &EjectionPolicy) {
+    fn record(
+        &mut self,
+        outcomes: &[(&str, Outcome)],
+        now_ms: u64,
+        policy: &EjectionPolicy,
+        metrics: &mut Metrics,
+    ) {
         // A success of a host without a record changes nothing: a healthy fleet writes nothing.
         let unchanging = outcomes
             .iter()
@@ -143,12 +151,17 @@ impl SharedEjections {
             let json = serde_json::to_vec(&table).unwrap_or_default();
             match hostcalls::set_shared_data(EJECTIONS_KEY, Some(&json), cas) {
                 Ok(()) => {
-                    for host in table
+                    let newly: Vec<&str> = table
                         .ejected(now_ms)
                         .filter(|host| !self.table.is_ejected(host, now_ms))
-                    {
+                        .collect();
+                    for host in &newly {
                         log::warn!("zklb: ejecting {host} after consecutive failures");
                     }
+                    if !newly.is_empty() {
+                        metrics.count("zklb.ejections", newly.len() as i64);
+                    }
+                    metrics.set("zklb.ejected_hosts", table.ejected(now_ms).count() as u64);
                     self.table = table;
                     self.cas = None;
                     return;
@@ -185,6 +198,7 @@ impl RouterRoot {
             config: Rc::new(config),
             table: Rc::new(RefCell::new(LoadedTable::default())),
             ejections: Rc::new(RefCell::new(SharedEjections::default())),
+            metrics: Rc::new(RefCell::new(Metrics::default())),
             rng: Rc::new(RefCell::new(seeded_rng())),
         }
     }
@@ -194,8 +208,9 @@ impl RouterRoot {
             config: Rc::clone(&self.config),
             table: Rc::clone(&self.table),
             ejections: Rc::clone(&self.ejections),
+            metrics: Rc::clone(&self.metrics),
             rng: Rc::clone(&self.rng),
-            candidates: None,
+            routed: None,
         }
     }
 }
@@ -218,9 +233,10 @@ pub struct Request {
     config: Rc<RouterConfig>,
     table: Rc<RefCell<LoadedTable>>,
     ejections: Rc<RefCell<SharedEjections>>,
+    metrics: Rc<RefCell<Metrics>>,
     rng: Rc<RefCell<SmallRng>>,
-    /// The candidates written for this request, to learn from its outcome.
-    candidates: Option<String>,
+    /// The service and candidates of this request, to learn from its outcome.
+    routed: Option<(String, String)>,
 }
 
 impl Context for Request {}
@@ -258,10 +274,16 @@ impl HttpContext for Request {
                 // never steers routing. A refused request goes nowhere, with or without them.
                 self.set_http_request_header(zklb_wire::CLUSTER_HEADER, Some(&plan.cluster));
                 self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, Some(&plan.candidates));
-                self.candidates = Some(plan.candidates);
+                self.metrics
+                    .borrow_mut()
+                    .count_pick(&plan.service, plan.policy);
+                self.routed = Some((plan.service, plan.candidates));
                 Action::Continue
             }
             Err(refusal) => {
+                self.metrics
+                    .borrow_mut()
+                    .count(&format!("zklb.refused.{}", refusal.kind.name()), 1);
                 let body = serde_json::to_vec(&ErrorBody {
                     error: refusal.reason,
                 })
@@ -277,7 +299,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(candidates) = self.candidates.take() else {
+        let Some((service, candidates)) = self.routed.take() else {
             return Action::Continue;
         };
         let response_header = |name: &str| {
@@ -299,6 +321,11 @@ impl HttpContext for Request {
             let status = response_header(":status")
                 .and_then(|status| status.parse().ok())
                 .unwrap_or(0);
+            if attempts.is_some_and(|attempts| attempts > 1) {
+                self.metrics
+                    .borrow_mut()
+                    .count(&format!("zklb.retried.{service}"), 1);
+            }
             let first = candidates.split(',').next().unwrap_or_default();
             // The common case, a first attempt that answered for a host without a record,
             // changes nothing: no more host calls.
@@ -309,9 +336,12 @@ impl HttpContext for Request {
                 if let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) {
                     let outcomes =
                         attempts_outcomes(&candidates, attempts, upstream.as_deref(), status);
-                    self.ejections
-                        .borrow_mut()
-                        .record(&outcomes, now_ms(), policy);
+                    self.ejections.borrow_mut().record(
+                        &outcomes,
+                        now_ms(),
+                        policy,
+                        &mut self.metrics.borrow_mut(),
+                    );
                 }
             }
         }

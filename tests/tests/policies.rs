@@ -68,6 +68,23 @@ async fn weighted_random_shares_follow_the_registry_weights_through_envoy() {
         fits_shares(&observed, &shares),
         "shares {observed:?} do not follow weights {weights:?}"
     );
+
+    // The picks are counted in Envoy's stats, per service and policy, and so are refusals.
+    let picks = stack
+        .envoy
+        .stat("wasmcustom.zklb.picks.weighted.weighted_random")
+        .await;
+    assert!(picks >= 4_000, "{picks} picks counted for 4000 requests");
+    let refused = "wasmcustom.zklb.refused.unknown_service";
+    let before = stack.envoy.stat(refused).await;
+    assert_eq!(stack.request("nosuch", &[]).await.status, 404);
+    assert_eq!(stack.envoy.stat(refused).await, before + 1);
+    let version = stack.control_plane.get("/v1/services").await.expect("list")["version"].as_u64();
+    assert_eq!(
+        Some(stack.envoy.stat("wasmcustom.zklb.list_version").await),
+        version,
+        "the filter's list version"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,73 @@
+//! The filter's metrics, through the proxy-wasm metrics ABI: Envoy stats (prefixed
+//! `wasmcustom.`), so they show in `/stats` and `/stats/prometheus` with Envoy's own.
+//!
+//! - `zklb.picks.<service>.<policy>`: requests routed;
+//! - `zklb.retried.<service>`: requests that took more than one attempt;
+//! - `zklb.refused.<reason>`: requests the filter answered itself (`unknown_service`,
+//!   `no_instances`, `not_loaded`);
+//! - `zklb.ejections` and `zklb.ejected_hosts`: hosts ejected, and ejected now;
+//! - `zklb.list_version` and `zklb.list_age_seconds`: the service list in use and how long ago
+//!   the control plane last read ZooKeeper for it.
+
+use std::collections::HashMap;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+use crate::balancer::Policy;
+
+/// Metric ids by name, defined on first use (names carry service names, which come and go).
+#[derive(Default)]
+pub struct Metrics {
+    ids: HashMap<String, u32>,
+    /// The picks counter of each service, by service name alone: no name is built per request.
+    picks: HashMap<String, u32>,
+}
+
+impl Metrics {
+    pub fn count(&mut self, name: &str, by: i64) {
+        if let Some(id) = self.id(MetricType::Counter, name) {
+            let _ = hostcalls::increment_metric(id, by);
+        }
+    }
+
+    /// Counts a request routed to `service` by `policy`.
+    pub fn count_pick(&mut self, service: &str, policy: Policy) {
+        let id = match self.picks.get(service) {
+            Some(&id) => Some(id),
+            None => {
+                let name = format!("zklb.picks.{service}.{}", policy.name());
+                let id = self.id(MetricType::Counter, &name);
+                if let Some(id) = id {
+                    self.picks.insert(service.to_string(), id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn set(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricType::Gauge, name) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(&id) = self.ids.get(name) {
+            return Some(id);
+        }
+        match hostcalls::define_metric(kind, name) {
+            Ok(id) => {
+                self.ids.insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(status) => {
+                log::warn!("zklb: cannot define metric {name}: {status:?}");
+                None
+            }
+        }
+    }
+}
