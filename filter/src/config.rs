@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::balancer::Policy;
 use crate::ejection::EjectionPolicy;
+use crate::routing::{RawRule, Rules};
 
 /// What a root context was configured to be, from its JSON plugin configuration
 /// (`{"role": "poller", ...}` or `{"role": "router", ...}`).
@@ -43,6 +44,8 @@ pub struct RouterConfig {
     pub debug_headers: bool,
     /// Passive ejection of failing hosts, shared by every worker; `None` when turned off.
     pub ejection: Option<EjectionPolicy>,
+    /// Which service a request is for.
+    pub routes: Rules,
 }
 
 impl RouterConfig {
@@ -80,6 +83,8 @@ struct RawRouter {
     debug_headers: bool,
     #[serde(default)]
     ejection: RawEjection,
+    routes: Option<Vec<RawRule>>,
+    default_service: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -221,6 +226,8 @@ impl PluginConfig {
                         .collect(),
                     debug_headers: raw.debug_headers,
                     ejection: raw.ejection.policy()?,
+                    routes: Rules::parse(raw.routes, raw.default_service, MAX_RETRIES)
+                        .map_err(|reason| ConfigError(format!("router: {reason}")))?,
                 }))
             }
         }
@@ -248,6 +255,7 @@ mod tests {
                 services: BTreeMap::new(),
                 debug_headers: false,
                 ejection: Some(EjectionPolicy::default()),
+                routes: Rules::default(),
             })
         );
     }
@@ -314,6 +322,10 @@ mod tests {
             rejection(r#"{"role": "router", "retries": 2, "ejection": {"after": 3}}"#)
                 .contains("unknown field `after`")
         );
+        assert!(rejection(
+            r#"{"role": "router", "retries": 2, "routes": [{"path_prefix": "/a"}]}"#
+        )
+        .contains("router: routes[0] with a path_prefix must name its service"));
         assert!(
             rejection(r#"{"role": "poller", "control_plane_cluster": ""}"#)
                 .contains("must not be empty")

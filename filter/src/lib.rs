@@ -14,6 +14,7 @@ pub mod balancer;
 pub mod config;
 pub mod ejection;
 pub mod plan;
+pub mod routing;
 pub mod shared;
 pub mod table;
 

@@ -5,6 +5,7 @@ use rand::Rng;
 
 use crate::balancer::Policy;
 use crate::config::RouterConfig;
+use crate::routing::Resolved;
 use crate::table::{Lookup, ServiceTable};
 
 /// Where a request goes: the headers the filter writes for the router and `override_host`.
@@ -43,10 +44,11 @@ impl RefusalKind {
     }
 }
 
-/// The plan of one request; hosts in `ejected` are tried after all others.
+/// The plan of a request for `resolved` (`None`: no rule matched); hosts in `ejected` are tried
+/// after all others.
 pub fn plan_request<'a>(
     table: Option<&ServiceTable>,
-    authority: &str,
+    resolved: Option<&Resolved>,
     config: &RouterConfig,
     ejected: impl Iterator<Item = &'a str>,
     rng: &mut impl Rng,
@@ -59,7 +61,14 @@ pub fn plan_request<'a>(
             kind: RefusalKind::NotLoaded,
         });
     };
-    let route = match table.lookup(authority) {
+    let Some(resolved) = resolved else {
+        return Err(Refusal {
+            status: 404,
+            reason: "no routing rule matches this request".into(),
+            kind: RefusalKind::UnknownService,
+        });
+    };
+    let route = match table.lookup(&resolved.service) {
         Lookup::Found(route) => route,
         Lookup::Unknown(service) => {
             return Err(Refusal {
@@ -69,14 +78,18 @@ pub fn plan_request<'a>(
             })
         }
     };
-    let policy = config.policy_for(&route.name);
+    let policy = resolved
+        .policy
+        .unwrap_or_else(|| config.policy_for(&route.name));
+    let candidates = resolved
+        .retries
+        .map_or(config.candidates, |retries| retries + 1);
     let max_ejected_share = config
         .ejection
         .map_or(0.0, |ejection| ejection.max_ejected_share);
-    let chosen =
-        route
-            .hosts
-            .choose_avoiding(policy, config.candidates, ejected, max_ejected_share, rng);
+    let chosen = route
+        .hosts
+        .choose_avoiding(policy, candidates, ejected, max_ejected_share, rng);
     if chosen.is_empty() {
         return Err(Refusal {
             status: 503,
@@ -111,6 +124,15 @@ mod tests {
         }
     }
 
+    fn resolved(service: &str) -> Option<Resolved> {
+        Some(Resolved {
+            service: service.into(),
+            path: None,
+            policy: None,
+            retries: None,
+        })
+    }
+
     fn table(hosts: &[u16]) -> ServiceTable {
         let instances = hosts
             .iter()
@@ -133,7 +155,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(3);
         let plan = plan_request(
             Some(&table),
-            "echo:10000",
+            resolved("echo").as_ref(),
             &config(),
             std::iter::empty(),
             &mut rng,
@@ -150,7 +172,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(3);
         let unknown = plan_request(
             Some(&table(&[8001])),
-            "zklb_control_plane",
+            resolved("zklb_control_plane").as_ref(),
             &config(),
             std::iter::empty(),
             &mut rng,
@@ -158,7 +180,7 @@ mod tests {
         assert_eq!(unknown.expect_err("refused").status, 404);
         let empty = plan_request(
             Some(&table(&[])),
-            "echo",
+            resolved("echo").as_ref(),
             &config(),
             std::iter::empty(),
             &mut rng,
@@ -166,8 +188,14 @@ mod tests {
         .expect_err("refused");
         assert_eq!(empty.status, 503);
         assert!(empty.reason.contains("no available instances"));
-        let unloaded = plan_request(None, "echo", &config(), std::iter::empty(), &mut rng)
-            .expect_err("refused");
+        let unloaded = plan_request(
+            None,
+            resolved("echo").as_ref(),
+            &config(),
+            std::iter::empty(),
+            &mut rng,
+        )
+        .expect_err("refused");
         assert_eq!(unloaded.status, 503);
     }
 }

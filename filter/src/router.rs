@@ -243,13 +243,13 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // As bytes: the SDK's string getter panics on a header that is not UTF-8. Such a host
-        // names no service, and is refused as unknown.
-        let authority = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":authority")
-            .ok()
-            .flatten()
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default();
+        let authority = request_header(":authority").unwrap_or_default();
+        let routes = &self.config.routes;
+        let path = routes
+            .needs_path()
+            .then(|| request_header(":path"))
+            .flatten();
+        let resolved = routes.resolve(&authority, path.as_deref(), request_header);
         self.table.borrow_mut().refresh();
         if self.config.ejection.is_some() {
             self.ejections.borrow_mut().refresh();
@@ -262,7 +262,7 @@ impl HttpContext for Request {
         };
         let planned = plan_request(
             self.table.borrow().loaded(),
-            &authority,
+            resolved.as_ref(),
             &self.config,
             ejections.table.ejected(now),
             &mut *self.rng.borrow_mut(),
@@ -274,6 +274,12 @@ impl HttpContext for Request {
                 // never steers routing. A refused request goes nowhere, with or without them.
                 self.set_http_request_header(zklb_wire::CLUSTER_HEADER, Some(&plan.cluster));
                 self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, Some(&plan.candidates));
+                if let Some(path) = resolved
+                    .as_ref()
+                    .and_then(|resolved| resolved.path.as_deref())
+                {
+                    self.set_http_request_header(":path", Some(path));
+                }
                 self.metrics
                     .borrow_mut()
                     .count_pick(&plan.service, plan.policy);
@@ -302,12 +308,7 @@ impl HttpContext for Request {
         let Some((service, candidates)) = self.routed.take() else {
             return Action::Continue;
         };
-        let response_header = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-                .ok()
-                .flatten()
-                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        };
+        let response_header = |name| header_value(MapType::HttpResponseHeaders, name);
         let upstream = || {
             hostcalls::get_property(vec!["upstream", "address"])
                 .ok()
@@ -355,6 +356,19 @@ impl HttpContext for Request {
         }
         Action::Continue
     }
+}
+
+fn request_header(name: &str) -> Option<String> {
+    header_value(MapType::HttpRequestHeaders, name)
+}
+
+/// A header, read as bytes: the SDK's string getter panics on a value that is not UTF-8. Such a
+/// value names no service, and is refused as unknown.
+fn header_value(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name)
+        .ok()
+        .flatten()
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Envoy's count of a request's attempts, in its response (the route's

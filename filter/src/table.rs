@@ -80,27 +80,17 @@ impl ServiceTable {
         }
     }
 
-    /// Maps a request to its service by the `Host` header (`:authority`): the host name without
-    /// its port names the service, compared case-insensitively.
-    pub fn lookup(&self, authority: &str) -> Lookup<'_> {
-        let host = strip_port(authority).to_ascii_lowercase();
+    /// The service named `service`, compared case-insensitively as host names are.
+    pub fn lookup(&self, service: &str) -> Lookup<'_> {
+        let name = service.to_ascii_lowercase();
         match self
             .services
-            .get(&host)
+            .get(&name)
             .and_then(|alike| alike.values().next())
         {
             Some(route) => Lookup::Found(route),
-            None => Lookup::Unknown(host),
+            None => Lookup::Unknown(name),
         }
-    }
-}
-
-fn strip_port(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            host
-        }
-        _ => authority,
     }
 }
 
@@ -153,16 +143,16 @@ mod tests {
     }
 
     #[test]
-    fn requests_map_to_services_by_host_without_port_ignoring_case() {
+    fn services_are_found_ignoring_case() {
         let table = table();
-        for authority in ["echo", "ECHO:10000", "Echo:80"] {
+        for authority in ["echo", "ECHO", "Echo"] {
             let Lookup::Found(route) = table.lookup(authority) else {
                 panic!("{authority} must map to echo");
             };
             assert_eq!(route.name, "Echo");
             assert_eq!(route.cluster, zklb_wire::cluster_name("Echo"));
         }
-        assert_eq!(table.lookup("other:80"), Lookup::Unknown("other".into()));
+        assert_eq!(table.lookup("other"), Lookup::Unknown("other".into()));
     }
 
     #[test]
@@ -239,13 +229,5 @@ mod tests {
         assert_eq!(route.name, "Echo");
         table.remove("Echo");
         assert_eq!(table.lookup("echo"), Lookup::Unknown("echo".into()));
-    }
-
-    #[test]
-    fn ports_are_stripped_only_when_they_are_ports() {
-        assert_eq!(strip_port("echo:8080"), "echo");
-        assert_eq!(strip_port("echo"), "echo");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("::1"), "::1");
     }
 }

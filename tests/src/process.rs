@@ -59,6 +59,26 @@ impl Child {
         assert!(sent, "sending SIG{signal} to {}", self.name);
     }
 
+    /// Stops the process (SIGSTOP) and waits until the kernel has stopped every thread of it,
+    /// so that nothing it was about to do still happens after this returns.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+        let stat = format!("/proc/{}/stat", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            let stopped = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'));
+            if stopped {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("{} did not stop within 10 s of SIGSTOP", self.name);
+    }
+
     /// Asks the process to stop (SIGTERM), and kills it if it has not within `grace`.
     pub fn terminate(&mut self, grace: Duration) {
         if !self.is_running() {

@@ -262,7 +262,7 @@ impl ControlPlane {
 
     /// Freezes the process (SIGSTOP), as a long pause of its runtime or host would.
     pub fn freeze(&self) {
-        self.process.signal("STOP");
+        self.process.freeze();
     }
 
     pub fn thaw(&self) {
@@ -598,7 +598,7 @@ impl Backend {
     /// Freezes the process (SIGSTOP): it stays registered and accepts connections, but answers
     /// nothing, as a hung process does.
     pub fn freeze(&self) {
-        self.process.signal("STOP");
+        self.process.freeze();
     }
 }
 

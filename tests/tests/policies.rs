@@ -1,8 +1,10 @@
 //! Envoy follows the filter's choice: weighted shares that Envoy's own random fallback could not
 //! produce, and every request at the upstream the filter put first.
 
+use std::time::Duration;
+
 use zklb_tests::stats::{chi_square, fits_shares};
-use zklb_tests::Stack;
+use zklb_tests::{eventually, Stack};
 use zookeeper_client::{Acls, CreateMode};
 
 /// Registers `ports` as the instances of `service`, with `weights`, as Spring Cloud and Dubbo 3
@@ -128,4 +130,62 @@ async fn every_request_reaches_the_filters_first_candidate() {
         3,
         "every backend was somebody's first candidate"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routing_rules_map_requests_by_path_header_host_suffix_and_default() {
+    let stack = Stack::start_with_router_options(
+        r#""routes": [
+            {"path_prefix": "/api/orders/", "service": "orders", "strip_prefix": true},
+            {"header": "x-service"},
+            {"host": "*.svc.internal"}
+        ], "default_service": "web""#,
+    )
+    .await;
+    let _backends = [
+        stack.backend("orders", "o1").await,
+        stack.backend("billing", "b1").await,
+        stack.backend("web", "w1").await,
+    ];
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", stack.envoy.listen_port);
+    let ask = |path: String, host: &'static str, header: Option<&'static str>| {
+        let mut request = stack.http.get(path).header("host", host);
+        if let Some(service) = header {
+            request = request.header("x-service", service);
+        }
+        async move { zklb_tests::stack::Answer::of(request.send().await).await }
+    };
+    // web registered last: once it answers, the filter has the others too.
+    eventually(
+        Duration::from_secs(20),
+        "the services are routable",
+        || async {
+            let answer = ask(url("/"), "www.example.com", None).await;
+            if answer.backend() == Some("w1") {
+                Ok(())
+            } else {
+                Err(format!("{answer:?}"))
+            }
+        },
+    )
+    .await;
+    let answer = ask(url("/api/orders/17"), "shop.example", None).await;
+    assert_eq!(answer.backend(), Some("o1"));
+    assert_eq!(answer.body["path"], "/17", "the prefix is stripped");
+
+    let by_header = ask(url("/api/orders/17"), "x", Some("billing")).await;
+    assert_eq!(
+        by_header.backend(),
+        Some("o1"),
+        "the first matching rule wins"
+    );
+    let by_header = ask(url("/pay"), "x", Some("billing")).await;
+    assert_eq!(
+        (by_header.backend(), &by_header.body["path"]),
+        (Some("b1"), &serde_json::json!("/pay"))
+    );
+    let by_suffix = ask(url("/"), "billing.svc.internal:8080", None).await;
+    assert_eq!(by_suffix.backend(), Some("b1"));
+    let by_default = ask(url("/"), "www.example.com", None).await;
+    assert_eq!(by_default.backend(), Some("w1"));
 }
