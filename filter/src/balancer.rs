@@ -29,11 +29,46 @@ impl Policy {
 }
 
 /// One routable instance.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Host {
     /// `ip:port`, as Envoy names a cluster member.
     pub address: String,
     pub weight: u32,
+    pub zone: Option<String>,
+    /// Milliseconds since the Unix epoch, when the registrar says.
+    pub registered_at: Option<i64>,
+}
+
+/// What orders a request's hosts besides the policy.
+#[derive(Debug, Clone, Default)]
+pub struct Preferences<'a> {
+    /// Hosts tried after all others (ejected ones)...
+    pub avoid: Vec<&'a str>,
+    /// ...unless they are more than this share of the service.
+    pub max_avoided_share: f64,
+    /// The caller's zone: its hosts come first while there are at least `min_zone_hosts` of
+    /// them (not ejected); otherwise every zone is alike.
+    pub zone: Option<&'a str>,
+    pub min_zone_hosts: usize,
+    /// Warm-up: a host registered less than `warmup_ms` before `now_ms` gets a share in
+    /// proportion to its age (0 turns it off).
+    pub warmup_ms: u64,
+    pub now_ms: u64,
+}
+
+/// A host's share under warm-up, in thousandths: linear in its age over the window, at least 1.
+fn warmup_permille(host: &Host, preferences: &Preferences<'_>) -> u64 {
+    let Some(registered_at) = host.registered_at else {
+        return 1_000;
+    };
+    let age = (preferences.now_ms as i64)
+        .saturating_sub(registered_at)
+        .max(0) as u64;
+    if preferences.warmup_ms == 0 || age >= preferences.warmup_ms {
+        1_000
+    } else {
+        (1_000 * age / preferences.warmup_ms).max(1)
+    }
 }
 
 /// The hosts of a service, with what the policies need precomputed when the list changes rather
@@ -45,6 +80,9 @@ pub struct Hosts {
     cumulative: Vec<u64>,
     /// Where each address is in `hosts`.
     positions: HashMap<String, usize>,
+    /// The latest registration time of any host: past it plus the warm-up window, no host is
+    /// warming up and the fast path applies.
+    newest_registration: Option<i64>,
 }
 
 /// Draws that hit a host already chosen before an exact draw over the rest takes over.
@@ -64,10 +102,12 @@ impl Hosts {
             .enumerate()
             .map(|(i, host)| (host.address.clone(), i))
             .collect();
+        let newest_registration = hosts.iter().filter_map(|host| host.registered_at).max();
         Hosts {
             hosts,
             cumulative,
             positions,
+            newest_registration,
         }
     }
 
@@ -79,44 +119,71 @@ impl Hosts {
         self.hosts.iter().map(|host| host.address.as_str())
     }
 
-    /// Up to `count` distinct hosts in the order they are to be tried, those in `avoid` (ejected
-    /// hosts) after all others: still tried, but last. Past `max_avoided_share` of the hosts,
-    /// `avoid` is ignored.
-    pub fn choose_avoiding<'a>(
+    /// Up to `count` distinct hosts in the order they are to be tried, by `policy` and the
+    /// `preferences`: hosts of the caller's zone first (while it has enough of them), ejected
+    /// hosts last, and hosts still warming up with a share that grows with their age.
+    pub fn choose_with(
         &self,
         policy: Policy,
         count: usize,
-        avoid: impl Iterator<Item = &'a str>,
-        max_avoided_share: f64,
+        preferences: &Preferences<'_>,
         rng: &mut impl Rng,
     ) -> Vec<&Host> {
-        let avoided: Vec<usize> = avoid
-            .filter_map(|address| self.positions.get(address).copied())
+        let mut avoided: Vec<usize> = preferences
+            .avoid
+            .iter()
+            .filter_map(|address| self.positions.get(*address).copied())
             .collect();
-        let too_many = avoided.len() as f64 > max_avoided_share * self.hosts.len() as f64;
-        if avoided.is_empty() || too_many {
+        if avoided.len() as f64 > preferences.max_avoided_share * self.hosts.len() as f64 {
+            avoided.clear();
+        }
+        let warming = preferences.warmup_ms > 0
+            && self.newest_registration.is_some_and(|newest| {
+                newest.saturating_add(preferences.warmup_ms as i64) > preferences.now_ms as i64
+            });
+        let usable = |i: &usize| !avoided.contains(i);
+        let local: Vec<usize> = match preferences.zone {
+            Some(zone) => (0..self.hosts.len())
+                .filter(|i| usable(i) && self.hosts[*i].zone.as_deref() == Some(zone))
+                .collect(),
+            None => Vec::new(),
+        };
+        let zoned = !local.is_empty() && local.len() >= preferences.min_zone_hosts;
+        if avoided.is_empty() && !warming && !zoned {
             return self.choose(policy, count, rng);
         }
-        let preferred: Vec<usize> = (0..self.hosts.len())
-            .filter(|i| !avoided.contains(i))
+        let others: Vec<usize> = (0..self.hosts.len())
+            .filter(|i| usable(i) && !(zoned && local.contains(i)))
             .collect();
-        let mut chosen = self.draw_among(&preferred, policy, count, rng);
-        let more = count - chosen.len();
-        chosen.extend(self.draw_among(&avoided, policy, more, rng));
+        let tiers = [if zoned { local } else { Vec::new() }, others, avoided];
+        let weighted = warming || policy == Policy::WeightedRandom;
+        let weight = |i: usize| {
+            let host = &self.hosts[i];
+            let base = match policy {
+                Policy::WeightedRandom => u64::from(host.weight),
+                Policy::Random => 1,
+            };
+            base * warmup_permille(host, preferences)
+        };
+        let mut chosen = Vec::with_capacity(count);
+        for tier in &tiers {
+            let more = count - chosen.len();
+            chosen.extend(self.draw_among(tier, weighted, weight, more, rng));
+        }
         chosen.into_iter().map(|i| &self.hosts[i]).collect()
     }
 
-    /// Up to `count` of the hosts at `among`, drawn one after the other by `policy`.
+    /// Up to `count` of the hosts at `among`, drawn one after the other: in proportion to
+    /// `weight` when `weighted` (those of weight 0 only if all are), uniformly otherwise.
     fn draw_among(
         &self,
         among: &[usize],
-        policy: Policy,
+        weighted: bool,
+        weight: impl Fn(usize) -> u64,
         count: usize,
         rng: &mut impl Rng,
     ) -> Vec<usize> {
-        let weight = |i: usize| u64::from(self.hosts[i].weight);
-        let weighted = policy == Policy::WeightedRandom && among.iter().any(|&i| weight(i) > 0);
-        if !weighted {
+        if !weighted || among.iter().all(|&i| weight(i) == 0) {
             let amount = count.min(among.len());
             return index::sample(rng, among.len(), amount)
                 .into_iter()
@@ -209,9 +276,18 @@ mod tests {
                 .map(|(i, &weight)| Host {
                     address: format!("10.0.0.{i}:80"),
                     weight,
+                    ..Host::default()
                 })
                 .collect(),
         )
+    }
+
+    fn avoiding<'a>(hosts: &[&'a str]) -> Preferences<'a> {
+        Preferences {
+            avoid: hosts.to_vec(),
+            max_avoided_share: 0.5,
+            ..Preferences::default()
+        }
     }
 
     fn index_of(host: &Host) -> usize {
@@ -320,12 +396,11 @@ mod tests {
         for policy in [Policy::Random, Policy::WeightedRandom] {
             let four = hosts(&[1, 2, 3, 4]);
             for _ in 0..500 {
-                let chosen =
-                    four.choose_avoiding(policy, 4, ["10.0.0.3:80"].into_iter(), 0.5, &mut rng);
+                let chosen = four.choose_with(policy, 4, &avoiding(&["10.0.0.3:80"]), &mut rng);
                 assert_eq!(chosen.len(), 4);
                 assert_eq!(chosen[3].address, "10.0.0.3:80", "{policy:?}");
             }
-            let three = four.choose_avoiding(policy, 3, ["10.0.0.3:80"].into_iter(), 0.5, &mut rng);
+            let three = four.choose_with(policy, 3, &avoiding(&["10.0.0.3:80"]), &mut rng);
             assert!(three.iter().all(|host| host.address != "10.0.0.3:80"));
         }
     }
@@ -336,11 +411,10 @@ mod tests {
         let mut counts = [0u64; 4];
         let mut rng = SmallRng::seed_from_u64(17);
         for _ in 0..30_000 {
-            let first = four.choose_avoiding(
+            let first = four.choose_with(
                 Policy::WeightedRandom,
                 3,
-                ["10.0.0.3:80"].into_iter(),
-                0.5,
+                &avoiding(&["10.0.0.3:80"]),
                 &mut rng,
             )[0];
             counts[index_of(first)] += 1;
@@ -360,7 +434,7 @@ mod tests {
         let avoid = ["10.0.0.0:80", "10.0.0.1:80", "10.0.0.2:80"];
         let firsts: HashSet<String> = (0..400)
             .map(|_| {
-                four.choose_avoiding(Policy::Random, 3, avoid.into_iter(), 0.5, &mut rng)[0]
+                four.choose_with(Policy::Random, 3, &avoiding(&avoid), &mut rng)[0]
                     .address
                     .clone()
             })
@@ -369,6 +443,97 @@ mod tests {
             firsts.len(),
             4,
             "three of four avoided is past half: all stay first"
+        );
+    }
+
+    /// Hosts 0 and 1 in zone "a", 2 and 3 in "b".
+    fn zoned(weights: &[u32], registered_at: &[Option<i64>]) -> Hosts {
+        Hosts::new(
+            weights
+                .iter()
+                .zip(registered_at)
+                .enumerate()
+                .map(|(i, (&weight, &registered_at))| Host {
+                    address: format!("10.0.0.{i}:80"),
+                    weight,
+                    zone: Some(if i < 2 { "a" } else { "b" }.to_string()),
+                    registered_at,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_callers_zone_comes_first_and_spills_over_when_too_small() {
+        let four = zoned(&[1, 1, 1, 1], &[None; 4]);
+        let mut rng = SmallRng::seed_from_u64(23);
+        let in_zone = |min_zone_hosts, avoid: &[&'static str]| Preferences {
+            zone: Some("a"),
+            min_zone_hosts,
+            avoid: avoid.to_vec(),
+            max_avoided_share: 0.5,
+            ..Preferences::default()
+        };
+        for _ in 0..500 {
+            let chosen = four.choose_with(Policy::Random, 3, &in_zone(2, &[]), &mut rng);
+            let zones: Vec<usize> = chosen.iter().map(|host| index_of(host) / 2).collect();
+            assert_eq!(&zones[..2], [0, 0], "zone a first");
+            assert_eq!(zones[2], 1, "then a fallback from zone b");
+        }
+        // One of the two hosts of zone a ejected: too few left to prefer the zone.
+        let mut counts = [0u64; 4];
+        for _ in 0..20_000 {
+            let first =
+                four.choose_with(Policy::Random, 3, &in_zone(2, &["10.0.0.0:80"]), &mut rng)[0];
+            counts[index_of(first)] += 1;
+        }
+        assert_eq!(counts[0], 0, "the ejected host is not first");
+        let chi_square = fits(&counts[1..], &[1.0 / 3.0; 3]);
+        assert!(
+            chi_square < CRITICAL[1],
+            "chi-square {chi_square} for {counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_warming_host_gets_a_share_in_proportion_to_its_age() {
+        // Host 0 registered a quarter of the window ago, the others long before.
+        let now = 1_000_000;
+        let window = 600_000;
+        let hosts = zoned(
+            &[1, 1, 1, 1],
+            &[Some(now - window / 4), Some(0), Some(0), None],
+        );
+        let preferences = Preferences {
+            warmup_ms: window as u64,
+            now_ms: now as u64,
+            ..Preferences::default()
+        };
+        let mut counts = [0u64; 4];
+        let mut rng = SmallRng::seed_from_u64(29);
+        for _ in 0..40_000 {
+            counts[index_of(hosts.choose_with(Policy::Random, 2, &preferences, &mut rng)[0])] += 1;
+        }
+        // Shares 0.25 : 1 : 1 : 1.
+        let shares = [0.25 / 3.25, 1.0 / 3.25, 1.0 / 3.25, 1.0 / 3.25];
+        let chi_square = fits(&counts, &shares);
+        assert!(
+            chi_square < CRITICAL[3],
+            "chi-square {chi_square} for {counts:?}"
+        );
+        // Past the window, all alike again.
+        let later = Preferences {
+            now_ms: (now + window) as u64,
+            ..preferences
+        };
+        let mut counts = [0u64; 4];
+        for _ in 0..40_000 {
+            counts[index_of(hosts.choose_with(Policy::Random, 2, &later, &mut rng)[0])] += 1;
+        }
+        let chi_square = fits(&counts, &[0.25; 4]);
+        assert!(
+            chi_square < CRITICAL[3],
+            "chi-square {chi_square} for {counts:?}"
         );
     }
 

@@ -46,6 +46,12 @@ pub struct RouterConfig {
     pub ejection: Option<EjectionPolicy>,
     /// Which service a request is for.
     pub routes: Rules,
+    /// The zone this Envoy runs in, whose hosts come first; `None`: Envoy's node locality.
+    pub zone: Option<String>,
+    /// How many usable hosts the caller's zone needs for them to come first.
+    pub min_zone_hosts: usize,
+    /// How long a newly registered host's share takes to ramp up (0: off).
+    pub warmup: Duration,
 }
 
 impl RouterConfig {
@@ -85,6 +91,15 @@ struct RawRouter {
     ejection: RawEjection,
     routes: Option<Vec<RawRule>>,
     default_service: Option<String>,
+    zone: Option<String>,
+    #[serde(default = "default_min_zone_hosts")]
+    min_zone_hosts: usize,
+    #[serde(default)]
+    warmup_seconds: u64,
+}
+
+fn default_min_zone_hosts() -> usize {
+    2
 }
 
 #[derive(Deserialize)]
@@ -228,6 +243,9 @@ impl PluginConfig {
                     ejection: raw.ejection.policy()?,
                     routes: Rules::parse(raw.routes, raw.default_service, MAX_RETRIES)
                         .map_err(|reason| ConfigError(format!("router: {reason}")))?,
+                    zone: raw.zone.filter(|zone| !zone.is_empty()),
+                    min_zone_hosts: raw.min_zone_hosts.max(1),
+                    warmup: Duration::from_secs(raw.warmup_seconds),
                 }))
             }
         }
@@ -256,6 +274,9 @@ mod tests {
                 debug_headers: false,
                 ejection: Some(EjectionPolicy::default()),
                 routes: Rules::default(),
+                zone: None,
+                min_zone_hosts: 2,
+                warmup: Duration::ZERO,
             })
         );
     }

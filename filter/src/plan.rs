@@ -3,7 +3,7 @@
 
 use rand::Rng;
 
-use crate::balancer::Policy;
+use crate::balancer::{Policy, Preferences};
 use crate::config::RouterConfig;
 use crate::routing::Resolved;
 use crate::table::{Lookup, ServiceTable};
@@ -44,13 +44,12 @@ impl RefusalKind {
     }
 }
 
-/// The plan of a request for `resolved` (`None`: no rule matched); hosts in `ejected` are tried
-/// after all others.
-pub fn plan_request<'a>(
+/// The plan of a request for `resolved` (`None`: no rule matched).
+pub fn plan_request(
     table: Option<&ServiceTable>,
     resolved: Option<&Resolved>,
     config: &RouterConfig,
-    ejected: impl Iterator<Item = &'a str>,
+    preferences: &Preferences<'_>,
     rng: &mut impl Rng,
 ) -> Result<Plan, Refusal> {
     let Some(table) = table else {
@@ -84,12 +83,9 @@ pub fn plan_request<'a>(
     let candidates = resolved
         .retries
         .map_or(config.candidates, |retries| retries + 1);
-    let max_ejected_share = config
-        .ejection
-        .map_or(0.0, |ejection| ejection.max_ejected_share);
     let chosen = route
         .hosts
-        .choose_avoiding(policy, candidates, ejected, max_ejected_share, rng);
+        .choose_with(policy, candidates, preferences, rng);
     if chosen.is_empty() {
         return Err(Refusal {
             status: 503,
@@ -157,7 +153,7 @@ mod tests {
             Some(&table),
             resolved("echo").as_ref(),
             &config(),
-            std::iter::empty(),
+            &Preferences::default(),
             &mut rng,
         )
         .expect("routable");
@@ -174,7 +170,7 @@ mod tests {
             Some(&table(&[8001])),
             resolved("zklb_control_plane").as_ref(),
             &config(),
-            std::iter::empty(),
+            &Preferences::default(),
             &mut rng,
         );
         assert_eq!(unknown.expect_err("refused").status, 404);
@@ -182,7 +178,7 @@ mod tests {
             Some(&table(&[])),
             resolved("echo").as_ref(),
             &config(),
-            std::iter::empty(),
+            &Preferences::default(),
             &mut rng,
         )
         .expect_err("refused");
@@ -192,7 +188,7 @@ mod tests {
             None,
             resolved("echo").as_ref(),
             &config(),
-            std::iter::empty(),
+            &Preferences::default(),
             &mut rng,
         )
         .expect_err("refused");

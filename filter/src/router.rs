@@ -11,6 +11,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use zklb_wire::{ErrorBody, Service, Version};
 
+use crate::balancer::Preferences;
 use crate::config::RouterConfig;
 use crate::ejection::{attempts_outcomes, EjectionPolicy, Ejections, Outcome};
 use crate::metrics::Metrics;
@@ -21,6 +22,8 @@ use crate::table::ServiceTable;
 /// One per worker: that worker's copy of the service table, shared by its requests.
 pub struct RouterRoot {
     config: Rc<RouterConfig>,
+    /// The zone whose hosts come first: configured, or Envoy's node locality.
+    zone: Rc<Option<String>>,
     table: Rc<RefCell<LoadedTable>>,
     ejections: Rc<RefCell<SharedEjections>>,
     metrics: Rc<RefCell<Metrics>>,
@@ -194,7 +197,9 @@ fn now_ms() -> u64 {
 
 impl RouterRoot {
     pub fn start(config: RouterConfig) -> RouterRoot {
+        let zone = config.zone.clone().or_else(node_zone);
         RouterRoot {
+            zone: Rc::new(zone),
             config: Rc::new(config),
             table: Rc::new(RefCell::new(LoadedTable::default())),
             ejections: Rc::new(RefCell::new(SharedEjections::default())),
@@ -206,6 +211,7 @@ impl RouterRoot {
     pub fn request_context(&self) -> Request {
         Request {
             config: Rc::clone(&self.config),
+            zone: Rc::clone(&self.zone),
             table: Rc::clone(&self.table),
             ejections: Rc::clone(&self.ejections),
             metrics: Rc::clone(&self.metrics),
@@ -231,6 +237,7 @@ fn seeded_rng() -> SmallRng {
 
 pub struct Request {
     config: Rc<RouterConfig>,
+    zone: Rc<Option<String>>,
     table: Rc<RefCell<LoadedTable>>,
     ejections: Rc<RefCell<SharedEjections>>,
     metrics: Rc<RefCell<Metrics>>,
@@ -255,18 +262,27 @@ impl HttpContext for Request {
             self.ejections.borrow_mut().refresh();
         }
         let ejections = self.ejections.borrow();
-        let now = if ejections.table.is_empty() {
-            0
-        } else {
-            now_ms()
+        let timed = !ejections.table.is_empty() || !self.config.warmup.is_zero();
+        let now = if timed { now_ms() } else { 0 };
+        let preferences = Preferences {
+            avoid: ejections.table.ejected(now).collect(),
+            max_avoided_share: self
+                .config
+                .ejection
+                .map_or(0.0, |ejection| ejection.max_ejected_share),
+            zone: self.zone.as_deref(),
+            min_zone_hosts: self.config.min_zone_hosts,
+            warmup_ms: u64::try_from(self.config.warmup.as_millis()).unwrap_or(u64::MAX),
+            now_ms: now,
         };
         let planned = plan_request(
             self.table.borrow().loaded(),
             resolved.as_ref(),
             &self.config,
-            ejections.table.ejected(now),
+            &preferences,
             &mut *self.rng.borrow_mut(),
         );
+        drop(preferences);
         drop(ejections);
         match planned {
             Ok(plan) => {
@@ -356,6 +372,14 @@ impl HttpContext for Request {
         }
         Action::Continue
     }
+}
+
+/// The zone of Envoy's node locality, if it has one.
+fn node_zone() -> Option<String> {
+    let zone = hostcalls::get_property(vec!["xds", "node", "locality", "zone"])
+        .ok()
+        .flatten()?;
+    String::from_utf8(zone).ok().filter(|zone| !zone.is_empty())
 }
 
 fn request_header(name: &str) -> Option<String> {

@@ -52,6 +52,8 @@ impl ServiceTable {
                     .map(|instance| Host {
                         address: instance.host(),
                         weight: instance.weight,
+                        zone: instance.zone.clone(),
+                        registered_at: instance.registered_at,
                     })
                     .collect(),
             ),
