@@ -17,6 +17,9 @@ pub enum Policy {
     /// P proportional to the host's registry weight. Hosts of weight 0 get no traffic, unless
     /// every host of the service has weight 0, when they are drawn uniformly.
     WeightedRandom,
+    /// The power of two random choices: of two hosts drawn at random, the one with fewer
+    /// requests in flight (counted across every worker).
+    LeastRequest,
 }
 
 impl Policy {
@@ -24,6 +27,7 @@ impl Policy {
         match self {
             Policy::Random => "random",
             Policy::WeightedRandom => "weighted_random",
+            Policy::LeastRequest => "least_request",
         }
     }
 }
@@ -40,7 +44,7 @@ pub struct Host {
 }
 
 /// What orders a request's hosts besides the policy.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Preferences<'a> {
     /// Hosts tried after all others (ejected ones)...
     pub avoid: Vec<&'a str>,
@@ -54,6 +58,8 @@ pub struct Preferences<'a> {
     /// proportion to its age (0 turns it off).
     pub warmup_ms: u64,
     pub now_ms: u64,
+    /// Requests in flight at a host, for `least_request`.
+    pub load: Option<&'a dyn Fn(&str) -> u64>,
 }
 
 /// A host's share under warm-up, in thousandths: linear in its age over the window, at least 1.
@@ -149,7 +155,8 @@ impl Hosts {
             None => Vec::new(),
         };
         let zoned = !local.is_empty() && local.len() >= preferences.min_zone_hosts;
-        if avoided.is_empty() && !warming && !zoned {
+        let least_request = policy == Policy::LeastRequest && preferences.load.is_some();
+        if avoided.is_empty() && !warming && !zoned && !least_request {
             return self.choose(policy, count, rng);
         }
         let others: Vec<usize> = (0..self.hosts.len())
@@ -161,16 +168,48 @@ impl Hosts {
             let host = &self.hosts[i];
             let base = match policy {
                 Policy::WeightedRandom => u64::from(host.weight),
-                Policy::Random => 1,
+                Policy::Random | Policy::LeastRequest => 1,
             };
             base * warmup_permille(host, preferences)
         };
         let mut chosen = Vec::with_capacity(count);
         for tier in &tiers {
             let more = count - chosen.len();
-            chosen.extend(self.draw_among(tier, weighted, weight, more, rng));
+            match preferences.load.filter(|_| least_request) {
+                Some(load) => chosen.extend(self.least_loaded(tier, load, more, rng)),
+                None => chosen.extend(self.draw_among(tier, weighted, weight, more, rng)),
+            }
         }
         chosen.into_iter().map(|i| &self.hosts[i]).collect()
+    }
+
+    /// Up to `count` of the hosts at `among`, each the less loaded of two drawn at random from
+    /// those not chosen yet.
+    fn least_loaded(
+        &self,
+        among: &[usize],
+        load: &dyn Fn(&str) -> u64,
+        count: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<usize> {
+        let mut rest = among.to_vec();
+        let mut chosen = Vec::with_capacity(count.min(rest.len()));
+        while chosen.len() < count && !rest.is_empty() {
+            let pick = if rest.len() == 1 {
+                0
+            } else {
+                let pair = index::sample(rng, rest.len(), 2);
+                let (a, b) = (pair.index(0), pair.index(1));
+                let load_of = |k: usize| load(&self.hosts[rest[k]].address);
+                if load_of(b) < load_of(a) {
+                    b
+                } else {
+                    a
+                }
+            };
+            chosen.push(rest.swap_remove(pick));
+        }
+        chosen
     }
 
     /// Up to `count` of the hosts at `among`, drawn one after the other: in proportion to
@@ -213,7 +252,7 @@ impl Hosts {
         let total = self.cumulative.last().copied().unwrap_or(0);
         let chosen = match policy {
             Policy::WeightedRandom if total > 0 => self.weighted(total, count, rng),
-            Policy::Random | Policy::WeightedRandom => {
+            Policy::Random | Policy::WeightedRandom | Policy::LeastRequest => {
                 let amount = count.min(self.hosts.len());
                 index::sample(rng, self.hosts.len(), amount).into_vec()
             }
@@ -533,6 +572,32 @@ mod tests {
         let chi_square = fits(&counts, &[0.25; 4]);
         assert!(
             chi_square < CRITICAL[3],
+            "chi-square {chi_square} for {counts:?}"
+        );
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_loaded_of_two() {
+        let four = hosts(&[1, 1, 1, 1]);
+        // Host 3 carries 10 requests, the others none.
+        let load = |address: &str| if address == "10.0.0.3:80" { 10 } else { 0 };
+        let preferences = Preferences {
+            load: Some(&load),
+            ..Preferences::default()
+        };
+        let mut counts = [0u64; 4];
+        let mut rng = SmallRng::seed_from_u64(31);
+        for _ in 0..30_000 {
+            let chosen = four.choose_with(Policy::LeastRequest, 3, &preferences, &mut rng);
+            assert_eq!(chosen.len(), 3);
+            counts[index_of(chosen[0])] += 1;
+        }
+        // The loaded host is first only when it is drawn twice, which two distinct draws never
+        // do: never first. The others are alike (each 1/3).
+        assert_eq!(counts[3], 0, "{counts:?}");
+        let chi_square = fits(&counts[..3], &[1.0 / 3.0; 3]);
+        assert!(
+            chi_square < CRITICAL[1],
             "chi-square {chi_square} for {counts:?}"
         );
     }

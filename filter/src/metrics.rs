@@ -6,6 +6,7 @@
 //! - `zklb.refused.<reason>`: requests the filter answered itself (`unknown_service`,
 //!   `no_instances`, `not_loaded`);
 //! - `zklb.ejections` and `zklb.ejected_hosts`: hosts ejected, and ejected now;
+//! - `zklb.inflight.<ip:port>`: requests in flight at a host, for `least_request` services;
 //! - `zklb.list_version` and `zklb.list_age_seconds`: the service list in use and how long ago
 //!   the control plane last read ZooKeeper for it.
 
@@ -47,6 +48,20 @@ impl Metrics {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, 1);
         }
+    }
+
+    /// Adds `by` (which may be negative) to a gauge.
+    pub fn add(&mut self, name: &str, by: i64) {
+        if let Some(id) = self.id(MetricType::Gauge, name) {
+            let _ = hostcalls::increment_metric(id, by);
+        }
+    }
+
+    /// A gauge's value, across every worker.
+    pub fn gauge(&mut self, name: &str) -> u64 {
+        self.id(MetricType::Gauge, name)
+            .and_then(|id| hostcalls::get_metric(id).ok())
+            .unwrap_or(0)
     }
 
     pub fn set(&mut self, name: &str, value: u64) {

@@ -11,7 +11,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use zklb_wire::{ErrorBody, Service, Version};
 
-use crate::balancer::Preferences;
+use crate::balancer::{Policy, Preferences};
 use crate::config::RouterConfig;
 use crate::ejection::{attempts_outcomes, EjectionPolicy, Ejections, Outcome};
 use crate::metrics::Metrics;
@@ -217,6 +217,7 @@ impl RouterRoot {
             metrics: Rc::clone(&self.metrics),
             rng: Rc::clone(&self.rng),
             routed: None,
+            in_flight: None,
         }
     }
 }
@@ -244,6 +245,8 @@ pub struct Request {
     rng: Rc<RefCell<SmallRng>>,
     /// The service and candidates of this request, to learn from its outcome.
     routed: Option<(String, String)>,
+    /// The in-flight gauge this request counts in, until it ends.
+    in_flight: Option<String>,
 }
 
 impl Context for Request {}
@@ -261,6 +264,8 @@ impl HttpContext for Request {
         if self.config.ejection.is_some() {
             self.ejections.borrow_mut().refresh();
         }
+        let metrics = &self.metrics;
+        let load = |address: &str| metrics.borrow_mut().gauge(&in_flight_metric(address));
         let ejections = self.ejections.borrow();
         let timed = !ejections.table.is_empty() || !self.config.warmup.is_zero();
         let now = if timed { now_ms() } else { 0 };
@@ -274,6 +279,7 @@ impl HttpContext for Request {
             min_zone_hosts: self.config.min_zone_hosts,
             warmup_ms: u64::try_from(self.config.warmup.as_millis()).unwrap_or(u64::MAX),
             now_ms: now,
+            load: Some(&load),
         };
         let planned = plan_request(
             self.table.borrow().loaded(),
@@ -299,6 +305,12 @@ impl HttpContext for Request {
                 self.metrics
                     .borrow_mut()
                     .count_pick(&plan.service, plan.policy);
+                if plan.policy == Policy::LeastRequest {
+                    let first = plan.candidates.split(',').next().unwrap_or_default();
+                    let metric = in_flight_metric(first);
+                    self.metrics.borrow_mut().add(&metric, 1);
+                    self.in_flight = Some(metric);
+                }
                 self.routed = Some((plan.service, plan.candidates));
                 Action::Continue
             }
@@ -317,6 +329,13 @@ impl HttpContext for Request {
                 );
                 Action::Pause
             }
+        }
+    }
+
+    /// The stream is over, however it ended: its request is no longer in flight.
+    fn on_log(&mut self) {
+        if let Some(metric) = self.in_flight.take() {
+            self.metrics.borrow_mut().add(&metric, -1);
         }
     }
 
@@ -372,6 +391,11 @@ impl HttpContext for Request {
         }
         Action::Continue
     }
+}
+
+/// The gauge of requests in flight at `address`, shared by every worker.
+fn in_flight_metric(address: &str) -> String {
+    format!("zklb.inflight.{address}")
 }
 
 /// The zone of Envoy's node locality, if it has one.

@@ -189,3 +189,36 @@ async fn routing_rules_map_requests_by_path_header_host_suffix_and_default() {
     let by_default = ask(url("/"), "www.example.com", None).await;
     assert_eq!(by_default.backend(), Some("w1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn least_request_counts_requests_in_flight_across_workers() {
+    let stack = Stack::start_with_router_options(r#""policy": "least_request""#).await;
+    let _backends = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+        stack.backend("echo", "b3").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let answers = stack.requests("echo", 600, 8).await;
+    assert!(answers.iter().all(|answer| answer.status == 200));
+    let counts = Stack::count_by_backend(&answers);
+    assert_eq!(counts.len(), 3, "every backend served: {counts:?}");
+    let picks = stack
+        .envoy
+        .stat("wasmcustom.zklb.picks.echo.least_request")
+        .await;
+    assert!(picks >= 600, "{picks} picks");
+    // A gauge per host, and every request that ended left it.
+    let gauges = stack
+        .envoy
+        .admin_json(r"/stats?format=json&filter=^wasmcustom\.zklb\.inflight\.")
+        .await
+        .expect("stats");
+    assert_eq!(
+        gauges["stats"].as_array().map(Vec::len),
+        Some(3),
+        "one in-flight gauge per backend: {gauges}"
+    );
+    let in_flight = stack.envoy.stat_sum(r"^wasmcustom\.zklb\.inflight\.").await;
+    assert_eq!(in_flight, 0, "requests still counted in flight");
+}
