@@ -353,6 +353,15 @@ mod tests {
     /// Critical values of chi-square at p = 0.001 for 1..=4 degrees of freedom.
     const CRITICAL: [f64; 4] = [10.828, 13.816, 16.266, 18.467];
 
+    /// Asserts that `counts` fit `shares` at significance 0.001.
+    fn assert_fits(counts: &[u64], shares: &[f64]) {
+        let chi_square = fits(counts, shares);
+        assert!(
+            chi_square < CRITICAL[counts.len() - 2],
+            "chi-square {chi_square} for {counts:?}, expected shares {shares:?}"
+        );
+    }
+
     #[test]
     fn candidates_are_distinct_and_capped_by_the_service_size() {
         let mut rng = SmallRng::seed_from_u64(7);
@@ -383,11 +392,7 @@ mod tests {
         for _ in 0..50_000 {
             counts[index_of(five.choose(Policy::Random, 3, &mut rng)[0])] += 1;
         }
-        let chi_square = fits(&counts, &[0.2; 5]);
-        assert!(
-            chi_square < CRITICAL[3],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts, &[0.2; 5]);
     }
 
     #[test]
@@ -400,11 +405,7 @@ mod tests {
             counts[index_of(four.choose(Policy::WeightedRandom, 3, &mut rng)[0])] += 1;
         }
         let shares: Vec<f64> = weights.iter().map(|&w| f64::from(w) / 10.0).collect();
-        let chi_square = fits(&counts, &shares);
-        assert!(
-            chi_square < CRITICAL[3],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts, &shares);
     }
 
     /// The second candidate, given the first, is drawn in proportion to the remaining weights.
@@ -422,11 +423,7 @@ mod tests {
             }
         }
         assert_eq!(counts[3], 0);
-        let chi_square = fits(&counts[..3], &[1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]);
-        assert!(
-            chi_square < CRITICAL[1],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts[..3], &[1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]);
     }
 
     #[test]
@@ -459,11 +456,7 @@ mod tests {
             counts[index_of(first)] += 1;
         }
         assert_eq!(counts[3], 0);
-        let chi_square = fits(&counts[..3], &[1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]);
-        assert!(
-            chi_square < CRITICAL[1],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts[..3], &[1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]);
     }
 
     #[test]
@@ -527,11 +520,7 @@ mod tests {
             counts[index_of(first)] += 1;
         }
         assert_eq!(counts[0], 0, "the ejected host is not first");
-        let chi_square = fits(&counts[1..], &[1.0 / 3.0; 3]);
-        assert!(
-            chi_square < CRITICAL[1],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts[1..], &[1.0 / 3.0; 3]);
     }
 
     #[test]
@@ -555,11 +544,7 @@ mod tests {
         }
         // Shares 0.25 : 1 : 1 : 1.
         let shares = [0.25 / 3.25, 1.0 / 3.25, 1.0 / 3.25, 1.0 / 3.25];
-        let chi_square = fits(&counts, &shares);
-        assert!(
-            chi_square < CRITICAL[3],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts, &shares);
         // Past the window, all alike again.
         let later = Preferences {
             now_ms: (now + window) as u64,
@@ -569,11 +554,7 @@ mod tests {
         for _ in 0..40_000 {
             counts[index_of(hosts.choose_with(Policy::Random, 2, &later, &mut rng)[0])] += 1;
         }
-        let chi_square = fits(&counts, &[0.25; 4]);
-        assert!(
-            chi_square < CRITICAL[3],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts, &[0.25; 4]);
     }
 
     #[test]
@@ -595,11 +576,7 @@ mod tests {
         // The loaded host is first only when it is drawn twice, which two distinct draws never
         // do: never first. The others are alike (each 1/3).
         assert_eq!(counts[3], 0, "{counts:?}");
-        let chi_square = fits(&counts[..3], &[1.0 / 3.0; 3]);
-        assert!(
-            chi_square < CRITICAL[1],
-            "chi-square {chi_square} for {counts:?}"
-        );
+        assert_fits(&counts[..3], &[1.0 / 3.0; 3]);
     }
 
     #[test]

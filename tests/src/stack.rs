@@ -622,6 +622,21 @@ pub struct Answer {
     pub headers: reqwest::header::HeaderMap,
 }
 
+/// Asserts that every answer is a `200`, naming how many were not and one of them.
+pub fn assert_all_served(answers: &[Answer]) {
+    let failed: Vec<&Answer> = answers
+        .iter()
+        .filter(|answer| answer.status != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failed.len(),
+        answers.len(),
+        failed.first()
+    );
+}
+
 impl Answer {
     /// The answer to a request, or the reason there was none.
     pub async fn of(sent: reqwest::Result<reqwest::Response>) -> Answer {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use zklb_tests::stack::free_port;
+use zklb_tests::stack::{assert_all_served, free_port};
 use zklb_tests::{eventually, Stack};
 use zookeeper_client::{Acls, CreateMode};
 
@@ -66,16 +66,7 @@ async fn dead_and_failing_backends_cost_no_client_errors() {
 
     let answers = stack.requests("echo", 1_000, 8).await;
 
-    let errors: Vec<_> = answers
-        .iter()
-        .filter(|answer| answer.status != 200)
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "{} client errors, e.g. {:?}",
-        errors.len(),
-        errors.first()
-    );
+    assert_all_served(&answers);
     let counts = Stack::count_by_backend(&answers);
     assert_eq!(
         counts.get("ok1").copied().unwrap_or(0) + counts.get("ok2").copied().unwrap_or(0),
