@@ -115,3 +115,47 @@ async fn echo_version(stack: &Stack) -> i64 {
         .expect("GET /v1/services/echo");
     listing["version"].as_i64().expect("version")
 }
+
+/// An instance taken out of rotation (Curator's `enabled: false`) is drained: no new requests
+/// within moments, and back in rotation when it is enabled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disabled_instance_is_drained_and_returns_when_enabled() {
+    let stack = Stack::start().await;
+    let backends = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+        stack.backend("echo", "b3").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+
+    let zookeeper = stack.zookeeper.client().await;
+    let set_enabled = |enabled: bool| {
+        let zookeeper = &zookeeper;
+        let znode = backends[2].znode.clone();
+        async move {
+            let (data, _) = zookeeper.get_data(&znode).await.expect("reading b3");
+            let mut instance: serde_json::Value = serde_json::from_slice(&data).expect("json");
+            instance["enabled"] = serde_json::json!(enabled);
+            zookeeper
+                .set_data(&znode, &serde_json::to_vec(&instance).expect("json"), None)
+                .await
+                .expect("writing b3");
+        }
+    };
+    set_enabled(false).await;
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let listing = stack
+        .control_plane
+        .get("/v1/services/echo")
+        .await
+        .expect("echo");
+    let b3 = listing["instances"]
+        .as_array()
+        .and_then(|instances| instances.iter().find(|instance| instance["id"] == "b3"))
+        .cloned()
+        .expect("b3 stays registered");
+    assert_eq!(b3["status"], "draining");
+
+    set_enabled(true).await;
+    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+}

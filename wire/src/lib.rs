@@ -152,7 +152,10 @@ impl Instance {
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Up,
-    /// Registered but not taking traffic (disabled, out of service, starting, down).
+    /// Taken out of rotation on purpose, about to go (Curator `enabled: false`, Spring
+    /// `OUT_OF_SERVICE`): no new requests.
+    Draining,
+    /// Registered but not able to take traffic (down, starting, unknown to its registrar).
     Down,
     /// A status that a newer control plane knows and this build does not. Such an instance is
     /// not routable, and the rest of the list is still used: an older filter must keep routing

@@ -27,7 +27,8 @@ struct CuratorInstance {
 /// Decodes one Curator instance znode. `znode_name` stands in for a missing `id`.
 ///
 /// Conventions read from `payload.metadata` (Spring Cloud and Dubbo 3 put metadata there):
-/// `instance_status` other than `UP` marks the instance down; `weight` and `zone` set those fields.
+/// `instance_status` `OUT_OF_SERVICE` (like `enabled: false`) marks the instance draining, any other
+/// but `UP` down; `weight` and `zone` set those fields.
 pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
     let raw: CuratorInstance = serde_json::from_slice(data)?;
     let address = raw
@@ -41,13 +42,13 @@ pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
         (None, None) => return Err(DecodeError::Missing("port")),
     };
     let metadata = payload_metadata(raw.payload.as_ref());
-    let reported_up = metadata
+    let reported = metadata
         .get("instance_status")
-        .is_none_or(|status| status.eq_ignore_ascii_case("UP"));
-    let status = if raw.enabled.unwrap_or(true) && reported_up {
-        Status::Up
-    } else {
-        Status::Down
+        .map(|status| status.to_ascii_uppercase());
+    let status = match (raw.enabled.unwrap_or(true), reported.as_deref()) {
+        (false, _) | (true, Some("OUT_OF_SERVICE")) => Status::Draining,
+        (true, None | Some("UP")) => Status::Up,
+        (true, Some(_)) => Status::Down,
     };
     let weight = match metadata.get("weight") {
         Some(weight) => weight.parse().map_err(|_| DecodeError::Invalid {
@@ -143,7 +144,13 @@ mod tests {
             Some("1.4.2")
         );
         let out = decode("x", &fixture("spring-cloud-out-of-service.json")).expect("decodes");
-        assert_eq!(out.status, Status::Down);
+        assert_eq!(out.status, Status::Draining);
+        let down = decode(
+            "x",
+            br#"{"address": "10.0.0.1", "port": 80, "payload": {"metadata": {"instance_status": "DOWN"}}}"#,
+        )
+        .expect("decodes");
+        assert_eq!(down.status, Status::Down);
     }
 
     #[test]
@@ -162,9 +169,9 @@ mod tests {
     }
 
     #[test]
-    fn disabled_instances_are_down() {
+    fn disabled_instances_are_draining() {
         let instance = decode("x", &fixture("disabled.json")).expect("decodes");
-        assert_eq!(instance.status, Status::Down);
+        assert_eq!(instance.status, Status::Draining);
     }
 
     #[test]
