@@ -260,6 +260,11 @@ impl ControlPlane {
         self.process.terminate(STOP_GRACE);
     }
 
+    /// Kills the process (SIGKILL), as a crash would: nothing is released cleanly.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     /// Freezes the process (SIGSTOP), as a long pause of its runtime or host would.
     pub fn freeze(&self) {
         self.process.freeze();

@@ -187,3 +187,68 @@ async fn a_dead_host_is_ejected_by_every_worker_and_readmitted_when_it_returns()
     )
     .await;
 }
+
+/// With more of a service ejected than `max_ejected_percent`, ejection says more about the
+/// checks than about the hosts: it is ignored, and every host is a first candidate again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_panic_share_ejected_hosts_are_first_candidates_again() {
+    let stack = Stack::start_with_router_options(
+        r#""debug_headers": true, "ejection": {"max_ejected_percent": 25}"#,
+    )
+    .await;
+    let _live = [
+        stack.backend("echo", "b1").await,
+        stack.backend("echo", "b2").await,
+    ];
+    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let registrar = stack.zookeeper.client().await;
+    let mut dead = Vec::new();
+    for id in ["dead1", "dead2"] {
+        let port = free_port();
+        let instance = json!({"id": id, "address": "127.0.0.1", "port": port});
+        registrar
+            .create(
+                &format!("/services/echo/{id}"),
+                &serde_json::to_vec(&instance).expect("json"),
+                &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+            )
+            .await
+            .expect("registering a dead instance");
+        dead.push(format!("127.0.0.1:{port}"));
+    }
+    // Both dead hosts are tried and ejected: two of four, past the 25 % allowed.
+    eventually(
+        Duration::from_secs(20),
+        "both dead hosts are ejected",
+        || async {
+            let answers = stack.requests("echo", 40, 4).await;
+            assert_all_served(&answers);
+            let ejections = stack.envoy.stat("wasmcustom.zklb.ejections").await;
+            if ejections >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{ejections} ejections"))
+            }
+        },
+    )
+    .await;
+
+    let answers = stack.requests("echo", 400, 4).await;
+    assert_all_served(&answers);
+    let dead_first = answers
+        .iter()
+        .filter_map(|answer| answer.header(zklb_wire::CANDIDATES_HEADER))
+        .filter(|candidates| {
+            dead.iter()
+                .any(|host| candidates.starts_with(host.as_str()))
+        })
+        .count();
+    println!(
+        "past the panic share, a dead host was the first candidate of {dead_first} of 400 requests"
+    );
+    // Half of the hosts are dead: about 200 if ejection is ignored, none if it is honoured.
+    assert!(
+        dead_first > 100,
+        "ejection was not ignored past the panic share"
+    );
+}

@@ -19,10 +19,10 @@ async fn echo_with_two_backends() -> (Stack, [Backend; 2]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn traffic_survives_a_control_plane_restart_and_updates_resume() {
+async fn traffic_survives_a_control_plane_crash_and_updates_resume() {
     let (mut stack, _backends) = echo_with_two_backends().await;
 
-    stack.control_plane.stop();
+    stack.control_plane.kill();
     let answers = stack.requests("echo", 300, 4).await;
     assert!(
         answers.iter().all(|answer| answer.status == 200),
