@@ -77,6 +77,9 @@ pub fn validate_envoy_config(config: &Path) -> Result<(), String> {
     }
 }
 
+/// Retries per request in the rendered configuration, as `scripts/stack` sets by default.
+pub const RETRIES: u32 = 2;
+
 /// Renders `envoy/envoy.yaml` the way `envsubst` does for the scripts.
 pub fn render_envoy_config(listen_port: u16, admin_port: u16, control_plane_port: u16) -> String {
     let template = std::fs::read_to_string(workspace_root().join("envoy/envoy.yaml"))
@@ -89,6 +92,7 @@ pub fn render_envoy_config(listen_port: u16, admin_port: u16, control_plane_port
             &control_plane_port.to_string(),
         )
         .replace("${ZKLB_FILTER_WASM}", &filter_wasm().display().to_string())
+        .replace("${ZKLB_RETRIES}", &RETRIES.to_string())
 }
 
 pub struct ZooKeeper {

@@ -17,34 +17,31 @@ fn shipped_envoy_config_validates() {
 }
 
 /// Each attempt of a request goes to its own candidate only if the filter writes as many
-/// candidates as the route makes attempts.
+/// candidates as the route makes attempts: both come from one variable of the template.
 #[test]
-fn filter_retries_match_the_route_retries() {
-    let config =
+fn filter_retries_and_route_retries_come_from_one_variable() {
+    let template =
         std::fs::read_to_string(zklb_tests::stack::workspace_root().join("envoy/envoy.yaml"))
             .expect("reading envoy/envoy.yaml");
-    let number_after = |key: &str| -> Vec<u32> {
-        config
-            .match_indices(key)
-            .map(|(at, _)| {
-                let digits: String = config[at + key.len()..]
-                    .trim_start()
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                digits
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{key} is not followed by a number"))
-            })
-            .collect()
-    };
-    let routes = number_after("num_retries:");
-    let filter = number_after(r#""retries":"#);
-    assert_eq!(filter.len(), 1, "one router configuration");
-    assert!(!routes.is_empty(), "the routes retry");
+    let settings: Vec<&str> = template
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.contains("num_retries") || line.contains(r#""retries""#))
+        .collect();
+    assert_eq!(settings.len(), 3, "two routes and the filter: {settings:?}");
     assert!(
-        routes.iter().all(|&retries| retries == filter[0]),
-        "the filter's retries {filter:?} differ from the routes' num_retries {routes:?}"
+        settings.iter().all(|line| line.contains("${ZKLB_RETRIES}")),
+        "a retry count that is not the shared variable: {settings:?}"
+    );
+    let rendered = render_envoy_config(10000, 9901, 18000);
+    let unrendered: Vec<&str> = rendered
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#') && line.contains("${"))
+        .collect();
+    assert!(
+        unrendered.is_empty(),
+        "variables left unrendered: {unrendered:?}"
     );
 }
 

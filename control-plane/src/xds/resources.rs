@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
-    circuit_breakers::Thresholds, cluster, load_balancing_policy, CircuitBreakers, Cluster,
-    LoadBalancingPolicy,
+    circuit_breakers::thresholds::RetryBudget, circuit_breakers::Thresholds, cluster,
+    load_balancing_policy, CircuitBreakers, Cluster, LoadBalancingPolicy,
 };
 use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
     header_mutation, HeaderMutation as HeaderMutationRule,
@@ -43,6 +43,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{
     value, Any, Duration as ProtoDuration, Struct, UInt32Value, Value as ProtoValue,
 };
@@ -200,8 +201,14 @@ fn cluster(service: &str, settings: &ClusterSettings) -> Cluster {
                 max_requests: Some(UInt32Value {
                     value: settings.max_requests,
                 }),
-                max_retries: Some(UInt32Value {
-                    value: settings.max_retries,
+                retry_budget: Some(RetryBudget {
+                    budget_percent: Some(Percent {
+                        value: f64::from(settings.retry_budget_percent),
+                    }),
+                    min_retry_concurrency: Some(UInt32Value {
+                        value: settings.min_retry_concurrency,
+                    }),
+                    ..RetryBudget::default()
                 }),
                 ..Thresholds::default()
             }],
@@ -459,7 +466,12 @@ mod tests {
             zklb_wire::CANDIDATES_HEADER
         );
         let breakers = &cluster.circuit_breakers.expect("breakers").thresholds[0];
-        assert_eq!(breakers.max_retries, Some(UInt32Value { value: 10_000 }));
+        let budget = breakers.retry_budget.as_ref().expect("a retry budget");
+        assert_eq!(budget.budget_percent, Some(Percent { value: 50.0 }));
+        assert_eq!(
+            budget.min_retry_concurrency,
+            Some(UInt32Value { value: 10 })
+        );
     }
 
     #[test]

@@ -31,9 +31,13 @@ pub struct ClusterSettings {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
-    /// Concurrent retries. Every attempt after the first is a retry, so Envoy's default of 3
-    /// turns one dead backend into client errors under load.
-    pub max_retries: u32,
+    /// Concurrent retries, as a share of the requests in flight (a retry budget), in percent:
+    /// enough for the retries a dead host causes before it is ejected, not for a retry storm
+    /// that multiplies the load on a failing service. (Envoy's default, 3 concurrent retries,
+    /// turns one dead backend into client errors under load.)
+    pub retry_budget_percent: u32,
+    /// Concurrent retries allowed whatever the budget, for services with few requests in flight.
+    pub min_retry_concurrency: u32,
     /// For instances reached with TLS: the CA certificates (PEM file) that their certificates
     /// must chain to, checked when set; without it the connection is encrypted, not verified.
     pub tls_ca_file: Option<String>,
@@ -50,7 +54,8 @@ impl Default for ClusterSettings {
             max_connections: 1024,
             max_pending_requests: 1024,
             max_requests: 1024,
-            max_retries: 10_000,
+            retry_budget_percent: 50,
+            min_retry_concurrency: 10,
             tls_ca_file: None,
             tls_server_name: None,
         }
@@ -92,7 +97,8 @@ struct RawSettings {
     max_connections: Option<u32>,
     max_pending_requests: Option<u32>,
     max_requests: Option<u32>,
-    max_retries: Option<u32>,
+    retry_budget_percent: Option<u32>,
+    min_retry_concurrency: Option<u32>,
     tls_ca_file: Option<String>,
     tls_server_name: Option<String>,
 }
@@ -128,7 +134,20 @@ impl RawSettings {
                 base.max_pending_requests,
             )?,
             max_requests: positive("max_requests", self.max_requests, base.max_requests)?,
-            max_retries: positive("max_retries", self.max_retries, base.max_retries)?,
+            retry_budget_percent: match self.retry_budget_percent {
+                Some(percent @ 1..=100) => percent,
+                Some(percent) => {
+                    return Err(format!(
+                        "{at}.retry_budget_percent must be between 1 and 100, got {percent}"
+                    ))
+                }
+                None => base.retry_budget_percent,
+            },
+            min_retry_concurrency: positive(
+                "min_retry_concurrency",
+                self.min_retry_concurrency,
+                base.min_retry_concurrency,
+            )?,
             tls_ca_file: match &self.tls_ca_file {
                 Some(path) if path.is_empty() => {
                     return Err(format!("{at}.tls_ca_file must name a file"))
@@ -192,7 +211,7 @@ mod tests {
         let plain = table.for_service("echo");
         assert_eq!(plain.protocol, UpstreamProtocol::Http1);
         assert_eq!(plain.connect_timeout, Duration::from_millis(250));
-        assert_eq!(plain.max_retries, 10_000);
+        assert_eq!(plain.retry_budget_percent, 50);
         let grpc = table.for_service("grpc");
         assert_eq!(grpc.protocol, UpstreamProtocol::Http2);
         assert_eq!(grpc.connect_timeout, Duration::from_millis(250));
@@ -212,8 +231,14 @@ mod tests {
         assert!(refusal(r#"{"defaults": {"timeout": 3}}"#).contains("unknown field `timeout`"));
         assert!(refusal(r#"{"services": {"a": {"connect_timeout_ms": 0}}}"#)
             .contains("services.a.connect_timeout_ms must be between 1 and 60000"));
-        assert!(refusal(r#"{"services": {"a": {"max_retries": 0}}}"#)
-            .contains("services.a.max_retries must be at least 1"));
+        assert!(
+            refusal(r#"{"services": {"a": {"min_retry_concurrency": 0}}}"#)
+                .contains("services.a.min_retry_concurrency must be at least 1")
+        );
+        assert!(
+            refusal(r#"{"services": {"a": {"retry_budget_percent": 101}}}"#)
+                .contains("services.a.retry_budget_percent must be between 1 and 100, got 101")
+        );
         assert!(refusal(r#"{"services": {"a b": {}}}"#).contains("is not a service name"));
         assert!(refusal(r#"{"defaults": {"tls_ca_file": ""}}"#)
             .contains("defaults.tls_ca_file must name a file"));
