@@ -741,6 +741,16 @@ impl Stack {
         stack
     }
 
+    /// Backends `ids` of `service`, once requests reach all of them and no others.
+    pub async fn serving(&self, service: &str, ids: &[&str]) -> Vec<Backend> {
+        let mut backends = Vec::with_capacity(ids.len());
+        for id in ids {
+            backends.push(self.backend(service, id).await);
+        }
+        self.wait_for_backends(service, ids).await;
+        backends
+    }
+
     pub async fn backend(&self, service: &str, id: &str) -> Backend {
         self.backend_listening_on(service, id, 0).await
     }

@@ -11,12 +11,7 @@ const RETRIES: &str = "cluster.zklb_service_echo.upstream_rq_retry";
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_backends_share_traffic_uniformly() {
     let stack = Stack::start().await;
-    let _backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "b3").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let _backends = stack.serving("echo", &["b1", "b2", "b3"]).await;
 
     let answers = stack.requests("echo", 3_000, 8).await;
 
@@ -121,12 +116,7 @@ async fn echo_version(stack: &Stack) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disabled_instance_is_drained_and_returns_when_enabled() {
     let stack = Stack::start().await;
-    let backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "b3").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let backends = stack.serving("echo", &["b1", "b2", "b3"]).await;
 
     let zookeeper = stack.zookeeper.client().await;
     let set_enabled = |enabled: bool| {

@@ -109,12 +109,7 @@ async fn a_dead_host_is_ejected_by_every_worker_and_readmitted_when_it_returns()
     // Short ejections, so that readmission is quick to see.
     let stack =
         Stack::start_with_router_options(r#""ejection": {"base_ms": 1000, "max_ms": 2000}"#).await;
-    let _live = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "b3").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let _live = stack.serving("echo", &["b1", "b2", "b3"]).await;
 
     // A registration whose process is gone: nothing listens on its port.
     let dead_port = free_port();
@@ -196,11 +191,7 @@ async fn past_the_panic_share_ejected_hosts_are_first_candidates_again() {
         r#""debug_headers": true, "ejection": {"max_ejected_percent": 25}"#,
     )
     .await;
-    let _live = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let _live = stack.serving("echo", &["b1", "b2"]).await;
     let registrar = stack.zookeeper.client().await;
     let mut dead = Vec::new();
     for id in ["dead1", "dead2"] {

@@ -27,11 +27,7 @@ async fn register_dead(stack: &Stack, service: &str) {
 async fn forged_envoy_headers_do_not_steer_retries_or_timeouts() {
     // Ejection off, so that the dead host keeps being tried first now and then.
     let stack = Stack::start_with_router_options(r#""ejection": {"enabled": false}"#).await;
-    let _live = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let _live = stack.serving("echo", &["b1", "b2"]).await;
     register_dead(&stack, "echo").await;
     let connect_failures = "cluster.zklb_service_echo.upstream_cx_connect_fail";
     eventually(
@@ -64,12 +60,7 @@ async fn forged_envoy_headers_do_not_steer_retries_or_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_backend_costs_a_per_try_timeout_not_a_failed_request() {
     let stack = Stack::start().await;
-    let backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "hung").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "hung"]).await;
+    let backends = stack.serving("echo", &["b1", "b2", "hung"]).await;
     backends[2].freeze();
 
     let answers = stack.requests("echo", 120, 6).await;

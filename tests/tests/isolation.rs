@@ -10,12 +10,7 @@ use zookeeper_client::{Acls, CreateMode};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_supplied_zklb_headers_are_ignored_and_never_reach_a_backend() {
     let stack = Stack::start().await;
-    let backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "b3").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let backends = stack.serving("echo", &["b1", "b2", "b3"]).await;
 
     let pinned = format!("127.0.0.1:{}", backends[0].port);
     let answers = stack

@@ -92,12 +92,7 @@ async fn weighted_random_shares_follow_the_registry_weights_through_envoy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_request_reaches_the_filters_first_candidate() {
     let stack = Stack::start_with_router_options(r#""debug_headers": true"#).await;
-    let _backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "b3").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let _backends = stack.serving("echo", &["b1", "b2", "b3"]).await;
 
     let retries = format!(
         "cluster.{}.upstream_rq_retry",
@@ -193,12 +188,7 @@ async fn routing_rules_map_requests_by_path_header_host_suffix_and_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_request_counts_requests_in_flight_across_workers() {
     let stack = Stack::start_with_router_options(r#""policy": "least_request""#).await;
-    let _backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-        stack.backend("echo", "b3").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
+    let _backends = stack.serving("echo", &["b1", "b2", "b3"]).await;
     let answers = stack.requests("echo", 600, 8).await;
     assert!(answers.iter().all(|answer| answer.status == 200));
     let counts = Stack::count_by_backend(&answers);

@@ -8,13 +8,9 @@ use zklb_tests::stack::SESSION_TIMEOUT;
 use zklb_tests::{eventually, Backend, ControlPlane, Stack, ZooKeeper};
 use zookeeper_client::{Acls, CreateMode};
 
-async fn echo_with_two_backends() -> (Stack, [Backend; 2]) {
+async fn echo_with_two_backends() -> (Stack, Vec<Backend>) {
     let stack = Stack::start().await;
-    let backends = [
-        stack.backend("echo", "b1").await,
-        stack.backend("echo", "b2").await,
-    ];
-    stack.wait_for_backends("echo", &["b1", "b2"]).await;
+    let backends = stack.serving("echo", &["b1", "b2"]).await;
     (stack, backends)
 }
 
