@@ -1,6 +1,7 @@
 //! The HTTP API: service lists with versions and long-poll, liveness, readiness and metrics.
 //! (Envoy's membership is served over gRPC by [`crate::xds`], on the same listener.)
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -135,6 +136,7 @@ async fn list_services(
             full: None,
             services: snapshot.services_json(),
             freshness,
+            conflicts: &snapshot.conflicts,
         })
         .into_response()
     })
@@ -158,6 +160,7 @@ async fn list_changes(
                 full: Some(true),
                 services: snapshot.services_json(),
                 freshness,
+                conflicts: &snapshot.conflicts,
             })
             .into_response(),
         }
@@ -175,6 +178,8 @@ struct WholeList<'a> {
     services: &'a RawValue,
     #[serde(flatten)]
     freshness: Freshness,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    conflicts: &'a BTreeMap<String, String>,
 }
 
 /// Answers with `respond` at once without `after`, or once the registry is newer than `after`
@@ -355,6 +360,12 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
         "counter",
         "Instance znodes skipped because they could not be decoded (each version once).",
         skipped.to_string(),
+    );
+    metric(
+        "zklb_service_conflicts",
+        "gauge",
+        "Services not routed because their names differ only in case from an older one's.",
+        snapshot.conflicts.len().to_string(),
     );
     metric(
         "zklb_ready",

@@ -20,8 +20,11 @@ pub struct Znode {
 }
 
 /// One service directory as read from ZooKeeper.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ServiceRead {
+    /// zxid of the directory's creation: which of two services whose names differ only in case
+    /// came first.
+    pub czxid: i64,
     /// zxid of the last creation or deletion among the service's instances.
     pub pzxid: i64,
     pub instances: Vec<Znode>,
@@ -43,6 +46,8 @@ pub struct Registry {
     /// Per service, the malformed znodes and the mzxid at which they were found so, so that each
     /// is logged and counted once rather than on every read of its service.
     malformed: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Per service, the czxid of its directory.
+    created: BTreeMap<String, i64>,
 }
 
 impl Registry {
@@ -58,6 +63,7 @@ impl Registry {
     pub fn apply_service(&mut self, name: &str, read: Option<ServiceRead>, stats: &DecodeStats) {
         match read {
             Some(read) => {
+                self.created.insert(name.to_string(), read.czxid);
                 let known = self.malformed.remove(name).unwrap_or_default();
                 let (service, malformed) = decode_service(name, read, &known, stats);
                 self.services.insert(name.to_string(), service);
@@ -68,6 +74,7 @@ impl Registry {
             None => {
                 self.services.remove(name);
                 self.malformed.remove(name);
+                self.created.remove(name);
             }
         }
     }
@@ -76,14 +83,42 @@ impl Registry {
     pub fn retain_services(&mut self, names: &[String], pzxid: i64) {
         self.services.retain(|name, _| names.contains(name));
         self.malformed.retain(|name, _| names.contains(name));
+        self.created.retain(|name, _| names.contains(name));
         self.services_pzxid = pzxid;
     }
 
-    pub fn to_service_set(&self) -> ServiceSet {
-        ServiceSet {
-            version: self.version(),
-            services: self.services.clone(),
+    /// What is published: every service but those whose names differ only in case from one
+    /// created before them (Host headers ignore case, so only one can be reached by name, and
+    /// which one must not depend on sorting), and those conflicts with their reasons.
+    pub fn published(&self) -> (ServiceSet, BTreeMap<String, String>) {
+        let mut first_by_name: BTreeMap<String, (&String, i64)> = BTreeMap::new();
+        for name in self.services.keys() {
+            let created = self.created.get(name).copied().unwrap_or(i64::MAX);
+            let entry = first_by_name
+                .entry(name.to_ascii_lowercase())
+                .or_insert((name, created));
+            if (created, name) < (entry.1, entry.0) {
+                *entry = (name, created);
+            }
         }
+        let mut conflicts = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        for (name, service) in &self.services {
+            let (first, _) = first_by_name[&name.to_ascii_lowercase()];
+            if first == name {
+                services.insert(name.clone(), service.clone());
+            } else {
+                let reason = format!(
+                    "differs only in case from {first:?}, registered before it; not routed until one is renamed"
+                );
+                conflicts.insert(name.clone(), reason);
+            }
+        }
+        let set = ServiceSet {
+            version: self.version(),
+            services,
+        };
+        (set, conflicts)
     }
 }
 
@@ -141,6 +176,7 @@ mod tests {
         registry.apply_service(
             "echo",
             Some(ServiceRead {
+                czxid: 0,
                 pzxid: 8,
                 instances: vec![znode("a", 7, 8001), znode("b", 12, 8002)],
             }),
@@ -161,6 +197,7 @@ mod tests {
         registry.apply_service(
             "echo",
             Some(ServiceRead {
+                czxid: 0,
                 pzxid: 3,
                 instances: vec![znode("a", 4, 8001), broken],
             }),
@@ -182,6 +219,7 @@ mod tests {
         };
         let read = |mzxid| {
             Some(ServiceRead {
+                czxid: 0,
                 pzxid: 1,
                 instances: vec![znode("a", 2, 8001), broken(mzxid)],
             })
@@ -198,6 +236,7 @@ mod tests {
         let stats = DecodeStats::default();
         let read = |instances| {
             Some(ServiceRead {
+                czxid: 0,
                 pzxid: 1,
                 instances,
             })
@@ -218,12 +257,41 @@ mod tests {
     }
 
     #[test]
+    fn of_names_that_differ_only_in_case_the_first_created_is_published() {
+        let stats = DecodeStats::default();
+        let mut registry = Registry::default();
+        let created_at = |czxid| {
+            Some(ServiceRead {
+                czxid,
+                pzxid: czxid,
+                instances: vec![],
+            })
+        };
+        // "orders" sorts after "Orders" but was created first.
+        registry.apply_service("Orders", created_at(9), &stats);
+        registry.apply_service("orders", created_at(4), &stats);
+        registry.apply_service("other", created_at(5), &stats);
+        let (set, conflicts) = registry.published();
+        let names: Vec<&String> = set.services.keys().collect();
+        assert_eq!(names, ["orders", "other"]);
+        assert!(conflicts["Orders"].contains("differs only in case from \"orders\""));
+        registry.apply_service("orders", None, &stats);
+        let (set, conflicts) = registry.published();
+        assert!(
+            set.services.contains_key("Orders"),
+            "resolved once one goes"
+        );
+        assert!(conflicts.is_empty());
+    }
+
+    #[test]
     fn removed_services_disappear() {
         let stats = DecodeStats::default();
         let mut registry = Registry::default();
         registry.apply_service(
             "echo",
             Some(ServiceRead {
+                czxid: 0,
                 pzxid: 1,
                 instances: vec![],
             }),
@@ -232,6 +300,7 @@ mod tests {
         registry.apply_service(
             "other",
             Some(ServiceRead {
+                czxid: 0,
                 pzxid: 1,
                 instances: vec![],
             }),

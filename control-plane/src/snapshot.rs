@@ -24,6 +24,8 @@ pub struct Snapshot {
     /// The oldest version that changes can be counted from: this process's first registry, or
     /// later once old removals are forgotten. A client behind it gets the whole registry.
     pub horizon: Version,
+    /// Services left out because their names differ only in case from an older one's, with why.
+    pub conflicts: BTreeMap<String, String>,
     /// The JSON of every service, made once however many clients ask for the whole registry.
     services_json: OnceLock<Box<RawValue>>,
 }
@@ -67,8 +69,13 @@ impl Snapshot {
             synced: true,
             removed,
             horizon,
+            conflicts: BTreeMap::new(),
             services_json: OnceLock::new(),
         }
+    }
+
+    pub fn with_conflicts(self, conflicts: BTreeMap<String, String>) -> Snapshot {
+        Snapshot { conflicts, ..self }
     }
 
     /// Every service as JSON (the `services` of a list), serialized once per snapshot.

@@ -474,6 +474,7 @@ impl<'a> Session<'a> {
             self.registry.apply_service(
                 &service,
                 Some(ServiceRead {
+                    czxid: stat.czxid,
                     pzxid: stat.pzxid,
                     instances,
                 }),
@@ -540,17 +541,22 @@ fn node(
 }
 
 fn publish(registry: &Registry, publishers: &Publishers) {
-    let services = registry.to_service_set();
+    let (services, conflicts) = registry.published();
     publishers.snapshots.send_if_modified(|current| {
-        if current.synced && current.services == services {
+        if current.synced && current.services == services && current.conflicts == conflicts {
             return false;
+        }
+        for (name, reason) in &conflicts {
+            if !current.conflicts.contains_key(name) {
+                tracing::warn!(service = name, "not routing service: {reason}");
+            }
         }
         tracing::info!(
             version = services.version,
             services = services.services.len(),
             "publishing registry"
         );
-        *current = Arc::new(current.succeeded_by(services));
+        *current = Arc::new(current.succeeded_by(services).with_conflicts(conflicts));
         true
     });
 }

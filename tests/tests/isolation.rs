@@ -116,3 +116,41 @@ async fn a_service_without_instances_answers_503_with_a_reason() {
     )
     .await;
 }
+
+/// ZooKeeper names are case-sensitive, Host headers are not: of `Orders` and `orders`, the one
+/// registered first keeps the name, whatever the order they sort in, and the other gets no
+/// traffic and is reported as a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_services_differing_only_in_case_the_first_registered_keeps_the_traffic() {
+    let stack = Stack::start().await;
+    // "orders" sorts after "Orders", and is registered first.
+    let _first = stack.serving("orders", &["first"]).await;
+    let _second = stack.backend("Orders", "second").await;
+    let listing = eventually(
+        Duration::from_secs(20),
+        "the conflict is reported",
+        || async {
+            let listing = stack.control_plane.get("/v1/services").await?;
+            if listing["conflicts"]["Orders"].is_string() {
+                Ok(listing)
+            } else {
+                Err(listing.to_string())
+            }
+        },
+    )
+    .await;
+    assert!(listing["services"]["Orders"].is_null(), "{listing}");
+    assert!(listing["services"]["orders"].is_object(), "{listing}");
+    let answers = stack.requests("ORDERS", 200, 4).await;
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer.backend() == Some("first")),
+        "the later service took traffic: {:?}",
+        Stack::count_by_backend(&answers)
+    );
+    assert_eq!(
+        stack.control_plane.metric("zklb_service_conflicts").await,
+        1.0
+    );
+}

@@ -209,6 +209,10 @@ pub struct ServiceList {
     pub set: ServiceSet,
     #[serde(flatten)]
     pub freshness: Freshness,
+    /// Services left out of `services` because their names differ only in case from an older
+    /// one's (a `Host` header could reach only one of them), with the reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub conflicts: BTreeMap<String, String>,
 }
 
 /// `GET /v1/changes?after=V`: what changed in the registry since version `V`, so that a client
@@ -308,6 +312,7 @@ mod tests {
                 last_sync: Some(1_700_000_000_000),
                 session: "disconnected".into(),
             },
+            conflicts: BTreeMap::new(),
         };
         let json = serde_json::to_value(&list).expect("serializes");
         assert_eq!(json["version"], 5);
