@@ -362,6 +362,17 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
         skipped.to_string(),
     );
     metric(
+        "zklb_rejected_service_names_total",
+        "counter",
+        "Children of the root skipped because they cannot name a service (each once per session).",
+        state
+            .channels
+            .stats
+            .rejected_names
+            .load(Ordering::Relaxed)
+            .to_string(),
+    );
+    metric(
         "zklb_service_conflicts",
         "gauge",
         "Services not routed because their names differ only in case from an older one's.",

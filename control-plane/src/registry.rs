@@ -35,6 +35,8 @@ pub struct ServiceRead {
 #[derive(Debug, Default)]
 pub struct DecodeStats {
     pub skipped_znodes: AtomicU64,
+    /// Root children that cannot name a service (characters, length), each once per session.
+    pub rejected_names: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -134,7 +136,7 @@ fn decode_service(
     let mut malformed = BTreeMap::new();
     for znode in read.instances {
         version = version.max(znode.mzxid);
-        match decode::curator::decode(&znode.name, &znode.data) {
+        match decode::curator::decode(name, &znode.name, &znode.data) {
             Ok(instance) => instances.push(instance),
             Err(error) => {
                 if known_malformed.get(&znode.name) != Some(&znode.mzxid) {

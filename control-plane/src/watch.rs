@@ -2,6 +2,7 @@
 //! re-reads of whatever changed. The only writer of snapshots.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -421,7 +422,7 @@ impl<'a> Session<'a> {
             Some((root_stat, children)) => {
                 let names: Vec<String> = children
                     .into_iter()
-                    .filter(|name| self.is_service_name(name))
+                    .filter(|name| self.is_service_name(name, stats))
                     .collect();
                 unsettled.extend(
                     names
@@ -485,11 +486,12 @@ impl<'a> Session<'a> {
     }
 
     /// Whether a child of the root names a service zklb can publish; logs each bad name once.
-    fn is_service_name(&mut self, name: &str) -> bool {
+    fn is_service_name(&mut self, name: &str, stats: &DecodeStats) -> bool {
         if zklb_wire::is_valid_service_name(name) {
             return true;
         }
         if self.rejected_names.insert(name.to_string()) {
+            stats.rejected_names.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 service = name,
                 "skipping service: names may only use ASCII letters, digits, '.', '_' and '-'"

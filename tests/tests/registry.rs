@@ -8,7 +8,11 @@ use zklb_tests::{eventually, ControlPlane, ZooKeeper};
 use zookeeper_client::{Acls, Client, CreateMode};
 
 fn curator(id: &str, port: u16) -> Vec<u8> {
-    serde_json::to_vec(&json!({"name": "orders", "id": id, "address": "127.0.0.1", "port": port,
+    json_instance("orders", id, port)
+}
+
+fn json_instance(service: &str, id: &str, port: u16) -> Vec<u8> {
+    serde_json::to_vec(&json!({"name": service, "id": id, "address": "127.0.0.1", "port": port,
         "sslPort": null, "payload": null, "registrationTimeUTC": 1_732_000_000_000_i64, "serviceType": "DYNAMIC"}))
     .expect("json")
 }
@@ -122,24 +126,34 @@ async fn malformed_znodes_are_skipped_counted_and_the_rest_kept() {
         b"{\"address\": \"127.0.0.1\", \"port\": \"eighty\"}",
     )
     .await;
+    // Filed under the wrong service: routing it would send orders' requests to billing.
+    register(
+        &registrar,
+        "stray",
+        &json_instance("billing", "stray", 9003),
+    )
+    .await;
+    // A service name that Envoy and Host headers cannot carry.
+    create_service(&registrar, "no spaces").await;
 
     eventually(
         Duration::from_secs(20),
         "the good instance is listed alone",
         || async {
             let listing = services(&control_plane).await?;
-            let metrics = reqwest::get(format!("{}/metrics", control_plane.url))
-                .await
-                .map_err(|error| error.to_string())?
-                .text()
-                .await
-                .map_err(|error| error.to_string())?;
-            let skipped = metrics
-                .lines()
-                .find_map(|line| line.strip_prefix("zklb_malformed_znodes_total "))
-                .and_then(|value| value.parse::<u64>().ok())
-                .unwrap_or(0);
-            if instance_ports(&listing) == [9001] && skipped >= 1 {
+            let skipped = control_plane.metric("zklb_malformed_znodes_total").await;
+            let rejected = control_plane
+                .metric("zklb_rejected_service_names_total")
+                .await;
+            let only_orders = listing["services"]
+                .as_object()
+                .map(|services| services.len())
+                == Some(1);
+            if instance_ports(&listing) == [9001]
+                && skipped >= 2.0
+                && rejected == 1.0
+                && only_orders
+            {
                 Ok(())
             } else {
                 Err(format!("{listing}; skipped {skipped}"))

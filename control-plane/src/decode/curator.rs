@@ -13,6 +13,7 @@ use super::DecodeError;
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CuratorInstance {
+    name: Option<String>,
     id: Option<String>,
     address: Option<String>,
     port: Option<i64>,
@@ -24,13 +25,21 @@ struct CuratorInstance {
     enabled: Option<bool>,
 }
 
-/// Decodes one Curator instance znode. `znode_name` stands in for a missing `id`.
+/// Decodes one Curator instance znode of `service`. `znode_name` stands in for a missing `id`.
 ///
 /// Conventions read from `payload.metadata` (Spring Cloud and Dubbo 3 put metadata there):
 /// `instance_status` `OUT_OF_SERVICE` (like `enabled: false`) marks the instance draining, any other
 /// but `UP` down; `weight` and `zone` set those fields.
-pub fn decode(znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
+pub fn decode(service: &str, znode_name: &str, data: &[u8]) -> Result<Instance, DecodeError> {
     let raw: CuratorInstance = serde_json::from_slice(data)?;
+    // An instance filed under another service's directory is a registrar's mistake: routing it
+    // would send one service's requests to another's backend.
+    if let Some(name) = raw.name.as_ref().filter(|name| *name != service) {
+        return Err(DecodeError::Invalid {
+            field: "name",
+            reason: format!("{name:?} is not the service it is registered under ({service:?})"),
+        });
+    }
     let address = raw
         .address
         .filter(|address| !address.trim().is_empty())
@@ -110,7 +119,7 @@ mod tests {
 
     #[test]
     fn plain_curator_instance() {
-        let instance = decode("ignored", &fixture("curator-5.json")).expect("decodes");
+        let instance = decode("orders", "ignored", &fixture("curator-5.json")).expect("decodes");
         assert_eq!(instance.id, "9a0ca2d4-6bf3-4e3f-a4c5-3f0f5a1e2b7c");
         assert_eq!(instance.address, "10.1.2.3");
         assert_eq!(instance.port, 8080);
@@ -124,7 +133,8 @@ mod tests {
     /// Written by Apache Curator 5.4's own `ServiceDiscovery` (tests/registrars/CuratorRegistrar.java).
     #[test]
     fn instance_written_by_curator_itself() {
-        let instance = decode("abc-1", &fixture("curator-5.4-real.json")).expect("decodes");
+        let instance =
+            decode("orders", "abc-1", &fixture("curator-5.4-real.json")).expect("decodes");
         assert_eq!(instance.id, "abc-1");
         assert_eq!(
             (instance.address.as_str(), instance.port),
@@ -136,16 +146,18 @@ mod tests {
 
     #[test]
     fn spring_cloud_instance_status_and_metadata() {
-        let up = decode("x", &fixture("spring-cloud-up.json")).expect("decodes");
+        let up = decode("catalog", "x", &fixture("spring-cloud-up.json")).expect("decodes");
         assert_eq!(up.status, Status::Up);
         assert_eq!(up.zone.as_deref(), Some("eu-west-1a"));
         assert_eq!(
             up.metadata.get("version").map(String::as_str),
             Some("1.4.2")
         );
-        let out = decode("x", &fixture("spring-cloud-out-of-service.json")).expect("decodes");
+        let out =
+            decode("catalog", "x", &fixture("spring-cloud-out-of-service.json")).expect("decodes");
         assert_eq!(out.status, Status::Draining);
         let down = decode(
+            "orders",
             "x",
             br#"{"address": "10.0.0.1", "port": 80, "payload": {"metadata": {"instance_status": "DOWN"}}}"#,
         )
@@ -155,7 +167,7 @@ mod tests {
 
     #[test]
     fn dubbo3_application_instance() {
-        let instance = decode("x", &fixture("dubbo3.json")).expect("decodes");
+        let instance = decode("demo-provider", "x", &fixture("dubbo3.json")).expect("decodes");
         assert_eq!(instance.address, "192.168.10.21");
         assert_eq!(instance.port, 20880);
         assert_eq!(instance.status, Status::Up);
@@ -170,19 +182,21 @@ mod tests {
 
     #[test]
     fn disabled_instances_are_draining() {
-        let instance = decode("x", &fixture("disabled.json")).expect("decodes");
+        let instance = decode("orders", "x", &fixture("disabled.json")).expect("decodes");
         assert_eq!(instance.status, Status::Draining);
     }
 
     #[test]
     fn an_instance_with_only_an_ssl_port_is_reached_with_tls() {
         let tls_only = decode(
+            "orders",
             "x",
             br#"{"address": "10.0.0.7", "port": null, "sslPort": 8443}"#,
         )
         .expect("decodes");
         assert_eq!((tls_only.port, tls_only.tls), (8443, true));
         let both = decode(
+            "orders",
             "x",
             br#"{"address": "10.0.0.7", "port": 8080, "sslPort": 8443}"#,
         )
@@ -196,20 +210,28 @@ mod tests {
 
     #[test]
     fn missing_id_falls_back_to_the_znode_name() {
-        let instance =
-            decode("node-7", br#"{"address": "10.0.0.7", "port": 81}"#).expect("decodes");
+        let instance = decode(
+            "orders",
+            "node-7",
+            br#"{"address": "10.0.0.7", "port": 81}"#,
+        )
+        .expect("decodes");
         assert_eq!(instance.id, "node-7");
     }
 
     #[test]
     fn malformed_instances_say_what_is_wrong() {
         let error = |data: &str| {
-            decode("x", data.as_bytes())
+            decode("orders", "x", data.as_bytes())
                 .expect_err("rejected")
                 .to_string()
         };
         assert!(error("{not json").contains("not valid JSON"));
         assert!(error(r#"{"port": 80}"#).contains("missing field `address`"));
+        assert!(
+            error(r#"{"name": "billing", "address": "10.0.0.1", "port": 80}"#)
+                .contains(r#""billing" is not the service it is registered under ("orders")"#)
+        );
         assert!(error(r#"{"address": "10.0.0.1"}"#).contains("missing field `port`"));
         assert!(
             error(r#"{"address": "10.0.0.1", "port": 70000}"#).contains("70000 is not a TCP port")
