@@ -1,6 +1,8 @@
 //! Child processes that log to a file and never outlive the test.
 
+use std::collections::HashSet;
 use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,6 +42,54 @@ impl Child {
 
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The addresses that this process, or anything it started, listens on (TCP).
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        let group = self.child.id().to_string();
+        let mut sockets = HashSet::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (command) state ppid pgrp ...: the command may hold spaces and parentheses.
+            let in_group = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                == Some(group.as_str());
+            if !in_group {
+                continue;
+            }
+            for fd in std::fs::read_dir(entry.path().join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let target = std::fs::read_link(fd.path()).unwrap_or_default();
+                if let Some(inode) = target
+                    .to_str()
+                    .and_then(|target| target.strip_prefix("socket:["))
+                    .and_then(|rest| rest.strip_suffix(']'))
+                {
+                    sockets.insert(inode.to_string());
+                }
+            }
+        }
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .flat_map(|table| {
+                std::fs::read_to_string(table)
+                    .unwrap_or_default()
+                    .lines()
+                    .skip(1)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local_address, state (0A: listening), inode.
+                let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+                (*state == "0A" && sockets.contains(*inode)).then(|| parse_proc_address(local))?
+            })
+            .collect()
     }
 
     pub fn log(&self) -> String {
@@ -125,5 +175,49 @@ impl Drop for Child {
                 eprintln!("{line}");
             }
         }
+    }
+}
+
+/// An address of `/proc/net/tcp{,6}`: hex, each 32-bit word of the address printed as a number in
+/// host (here little-endian) byte order.
+fn parse_proc_address(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..address.len() / 8)
+        .map(|i| u32::from_str_radix(&address[8 * i..8 * i + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ip = match words.as_slice() {
+        [v4] => IpAddr::V4(Ipv4Addr::from(v4.to_le_bytes())),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (chunk, word) in bytes.chunks_mut(4).zip([a, b, c, d]) {
+                chunk.copy_from_slice(&word.to_le_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_addresses_are_read_in_host_order() {
+        assert_eq!(
+            parse_proc_address("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().expect("address"))
+        );
+        assert_eq!(
+            parse_proc_address("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().expect("address"))
+        );
+        assert_eq!(
+            parse_proc_address("00000000:0016"),
+            Some("0.0.0.0:22".parse().expect("address"))
+        );
     }
 }

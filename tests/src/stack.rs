@@ -131,6 +131,8 @@ impl ZooKeeper {
             .arg("start-foreground")
             .arg(config)
             .env("ZOO_LOG_DIR", dir)
+            // zkServer.sh opens JMX on a random port of every interface unless told not to.
+            .env("JMXDISABLE", "true")
             .env(
                 "JVMFLAGS",
                 "-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
@@ -143,6 +145,11 @@ impl ZooKeeper {
             self.try_client().await.map(drop)
         })
         .await;
+    }
+
+    /// What the server listens on.
+    pub fn listening(&self) -> Vec<std::net::SocketAddr> {
+        self.process.listening()
     }
 
     /// Kills the server, as a crash would: clients see their connections drop.
@@ -337,6 +344,10 @@ impl ControlPlane {
     pub fn pid(&self) -> u32 {
         self.process.id()
     }
+
+    pub fn listening(&self) -> Vec<std::net::SocketAddr> {
+        self.process.listening()
+    }
 }
 
 pub struct Envoy {
@@ -474,6 +485,10 @@ impl Envoy {
         self.process.id()
     }
 
+    pub fn listening(&self) -> Vec<std::net::SocketAddr> {
+        self.process.listening()
+    }
+
     /// `GET {path}` on the admin interface, as JSON.
     pub async fn admin_json(&self, path: &str) -> Result<Value, String> {
         reqwest::get(format!("{}{path}", self.admin_url))
@@ -602,6 +617,10 @@ impl Backend {
     /// Stops the process the way an operator does (SIGTERM): it deregisters and exits.
     pub fn stop(&mut self) {
         self.process.terminate(STOP_GRACE);
+    }
+
+    pub fn listening(&self) -> Vec<std::net::SocketAddr> {
+        self.process.listening()
     }
 
     /// Freezes the process (SIGSTOP): it stays registered and accepts connections, but answers

@@ -154,3 +154,30 @@ async fn of_services_differing_only_in_case_the_first_registered_keeps_the_traff
         1.0
     );
 }
+
+/// Nothing listens beyond this machine unless configured to: every process of the stack, with
+/// its defaults, listens on loopback addresses only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_part_of_the_stack_listens_on_loopback_only() {
+    let stack = Stack::start().await;
+    let backends = stack.serving("echo", &["b1"]).await;
+    let parts = [
+        ("ZooKeeper", stack.zookeeper.listening()),
+        ("the control plane", stack.control_plane.listening()),
+        ("Envoy", stack.envoy.listening()),
+        ("a demo backend", backends[0].listening()),
+    ];
+    for (part, addresses) in parts {
+        assert!(
+            !addresses.is_empty(),
+            "{part} listens on nothing that was found"
+        );
+        assert!(
+            addresses
+                .iter()
+                .all(|address| address.ip().to_canonical().is_loopback()),
+            "{part} listens beyond loopback: {addresses:?}"
+        );
+        println!("{part} listens on {addresses:?}");
+    }
+}
