@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -246,8 +246,9 @@ pub async fn respond_or_not_modified(
 
 async fn get_service(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let snapshot = state.synced_snapshot()?;
     let service =
         snapshot.services.services.get(&name).ok_or_else(|| {
@@ -522,6 +523,32 @@ mod tests {
         let (status, body) = get(&app, "/nowhere").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "no such endpoint");
+    }
+
+    /// Hostile or broken requests get a JSON 4xx with a reason, never a 5xx.
+    #[tokio::test(start_paused = true)]
+    async fn hostile_requests_get_a_json_4xx() {
+        let (app, publishers, _stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
+        let long_name = "a".repeat(10_000);
+        for path in [
+            "/v1/services/..%2F..%2Fetc%2Fpasswd",
+            "/v1/services/%00",
+            "/v1/services/%FF%FE",
+            &format!("/v1/services/{long_name}"),
+            "/v1/services?after=-1&wait=abc",
+            "/v1/services?after=99999999999999999999999",
+            "/v1/changes?wait=-5",
+            "/v1/changes?after=1&after=2",
+            "/v1/nothing/../services",
+        ] {
+            let (status, body) = get(&app, path).await;
+            assert!(status.is_client_error(), "{path}: {status}");
+            assert!(body["error"].is_string(), "{path}: {body}");
+        }
+        // An absurd wait is capped by the hold, not refused: the poll ends.
+        let (status, _) = get(&app, "/v1/services?after=7&wait=18446744073709551615").await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
     }
 
     #[tokio::test(start_paused = true)]
