@@ -7,9 +7,15 @@ use zklb_tests::stats::{chi_square, fits_shares};
 use zklb_tests::{eventually, Stack};
 use zookeeper_client::{Acls, CreateMode};
 
-/// Registers `ports` as the instances of `service`, with `weights`, as Spring Cloud and Dubbo 3
-/// write a Curator instance's weight (`payload.metadata.weight`).
-async fn register_weighted(stack: &Stack, service: &str, ports: &[u16], weights: &[u32]) {
+/// Registers an instance of `service` for each of `ports` (the processes already serve), with
+/// `extra` fields merged into its Curator JSON (a payload with weight or zone, a registration
+/// time), as Spring Cloud and Dubbo 3 write them.
+async fn register_instances(
+    stack: &Stack,
+    service: &str,
+    ports: &[u16],
+    extra: impl Fn(usize) -> serde_json::Value,
+) {
     let zookeeper = stack.zookeeper.client().await;
     let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
     let directory = format!("{}/{service}", stack.root);
@@ -17,11 +23,15 @@ async fn register_weighted(stack: &Stack, service: &str, ports: &[u16], weights:
         .mkdir(&directory, &persistent)
         .await
         .expect("creating the service");
-    for (port, weight) in ports.iter().zip(weights) {
-        let instance = serde_json::json!({
+    for (i, port) in ports.iter().enumerate() {
+        let mut instance = serde_json::json!({
             "id": format!("w{port}"), "address": "127.0.0.1", "port": port,
-            "payload": {"metadata": {"weight": weight.to_string()}},
         });
+        if let (Some(instance), serde_json::Value::Object(extra)) =
+            (instance.as_object_mut(), extra(i))
+        {
+            instance.extend(extra);
+        }
         zookeeper
             .create(
                 &format!("{directory}/w{port}"),
@@ -31,6 +41,14 @@ async fn register_weighted(stack: &Stack, service: &str, ports: &[u16], weights:
             .await
             .expect("registering");
     }
+}
+
+/// The shares of `ids` among `answers`.
+fn shares_of(answers: &[zklb_tests::stack::Answer], ids: &[&str]) -> Vec<u64> {
+    let counts = Stack::count_by_backend(answers);
+    ids.iter()
+        .map(|id| counts.get(*id).copied().unwrap_or(0))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -45,7 +63,13 @@ async fn weighted_random_shares_follow_the_registry_weights_through_envoy() {
     ];
     let ports: Vec<u16> = backends.iter().map(|backend| backend.port).collect();
     let weights = [1, 2, 5];
-    register_weighted(&stack, "weighted", &ports, &weights).await;
+    register_instances(
+        &stack,
+        "weighted",
+        &ports,
+        |i| serde_json::json!({"payload": {"metadata": {"weight": weights[i].to_string()}}}),
+    )
+    .await;
     stack
         .wait_for_backends("weighted", &["b1", "b2", "b3"])
         .await;
@@ -211,4 +235,59 @@ async fn least_request_counts_requests_in_flight_across_workers() {
     );
     let in_flight = stack.envoy.stat_sum(r"^wasmcustom\.zklb\.inflight\.").await;
     assert_eq!(in_flight, 0, "requests still counted in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_callers_zone_is_served_first() {
+    let stack = Stack::start_with_router_options(r#""zone": "eu-1a""#).await;
+    let backends = stack.serving("plain", &["a1", "a2", "b1", "b2"]).await;
+    let ports: Vec<u16> = backends.iter().map(|backend| backend.port).collect();
+    register_instances(&stack, "zoned", &ports, |i| {
+        let zone = if i < 2 { "eu-1a" } else { "eu-1b" };
+        serde_json::json!({"payload": {"metadata": {"zone": zone}}})
+    })
+    .await;
+    stack.wait_for_backends("zoned", &["a1", "a2"]).await;
+    let answers = stack.requests("zoned", 400, 4).await;
+    let observed = shares_of(&answers, &["a1", "a2", "b1", "b2"]);
+    println!("zone eu-1a first: shares {observed:?}");
+    assert_eq!(
+        &observed[2..],
+        [0, 0],
+        "another zone served while eu-1a had hosts"
+    );
+    assert!(fits_shares(&observed[..2], &[0.5, 0.5]), "{observed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warming_instance_gets_a_share_that_grows_with_its_age() {
+    let stack = Stack::start_with_router_options(r#""warmup_seconds": 600"#).await;
+    let backends = stack.serving("plain", &["new", "old1", "old2"]).await;
+    let ports: Vec<u16> = backends.iter().map(|backend| backend.port).collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as i64;
+    // "new" registered a quarter of the window ago, the others long before.
+    register_instances(&stack, "warming", &ports, |i| {
+        let registered = if i == 0 {
+            now_ms - 150_000
+        } else {
+            now_ms - 3_600_000
+        };
+        serde_json::json!({"registrationTimeUTC": registered})
+    })
+    .await;
+    stack
+        .wait_for_backends("warming", &["new", "old1", "old2"])
+        .await;
+    let answers = stack.requests("warming", 3_000, 8).await;
+    let observed = shares_of(&answers, &["new", "old1", "old2"]);
+    // Shares 0.25 : 1 : 1, give or take the few seconds the test takes.
+    let shares = [0.25 / 2.25, 1.0 / 2.25, 1.0 / 2.25];
+    println!(
+        "warming at a quarter of the window: shares {observed:?}, chi-square {:.2}",
+        chi_square(&observed, &shares)
+    );
+    assert!(fits_shares(&observed, &shares), "{observed:?}");
 }
