@@ -318,6 +318,19 @@ impl ControlPlane {
             .unwrap_or(0.0)
     }
 
+    /// Waits until an Envoy streams its membership (ADS) from this control plane.
+    pub async fn wait_for_ads_stream(&self, within: Duration) {
+        eventually(within, "Envoy streams from this control plane", || async {
+            let streams = self.metric("zklb_xds_streams").await;
+            if streams == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{streams} ADS streams"))
+            }
+        })
+        .await;
+    }
+
     pub async fn health(&self) -> Result<Value, String> {
         self.get("/healthz").await
     }

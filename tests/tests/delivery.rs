@@ -452,19 +452,7 @@ async fn a_replica_cut_off_from_zookeeper_never_takes_envoy_or_the_filter_back()
     // Envoy streams from the fresh replica first: the other is not running yet.
     let lagging_port = zklb_tests::stack::free_port();
     let envoy = Envoy::start_with_replicas(&[fresh.port, lagging_port], 2, dir.path()).await;
-    eventually(
-        Duration::from_secs(30),
-        "Envoy streams from the fresh replica",
-        || async {
-            let streams = fresh.metric("zklb_xds_streams").await;
-            if streams == 1.0 {
-                Ok(())
-            } else {
-                Err(format!("{streams} streams"))
-            }
-        },
-    )
-    .await;
+    fresh.wait_for_ads_stream(Duration::from_secs(30)).await;
     let lagging = ControlPlane::launch_at(
         lagging_port,
         &relay.address.to_string(),
@@ -501,19 +489,7 @@ async fn a_replica_cut_off_from_zookeeper_never_takes_envoy_or_the_filter_back()
     // The fresh replica goes away: Envoy's stream and the filter's polls can only reach the
     // replica that has not seen b2.
     stack.control_plane.stop();
-    eventually(
-        Duration::from_secs(30),
-        "Envoy streams from the lagging replica",
-        || async {
-            let streams = lagging.metric("zklb_xds_streams").await;
-            if streams == 1.0 {
-                Ok(())
-            } else {
-                Err(format!("{streams} streams"))
-            }
-        },
-    )
-    .await;
+    lagging.wait_for_ads_stream(Duration::from_secs(30)).await;
     let answers = stack.requests("echo", 400, 4).await;
     let counts = Stack::count_by_backend(&answers);
     assert!(

@@ -84,19 +84,10 @@ async fn a_control_plane_restarted_without_zookeeper_does_not_empty_envoy() {
 
     // Envoy opens its ADS stream to it again (the filter's poll is held there too, as the new
     // process has nothing to publish); both keep what they had.
-    eventually(
-        Duration::from_secs(30),
-        "Envoy streams from the new control plane",
-        || async {
-            let streams = stack.control_plane.metric("zklb_xds_streams").await;
-            if streams == 1.0 {
-                Ok(())
-            } else {
-                Err(format!("{streams} ADS streams"))
-            }
-        },
-    )
-    .await;
+    stack
+        .control_plane
+        .wait_for_ads_stream(Duration::from_secs(30))
+        .await;
     let answers = stack.requests("echo", 300, 4).await;
     assert!(
         answers.iter().all(|answer| answer.status == 200),
