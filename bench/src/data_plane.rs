@@ -1,22 +1,29 @@
 //! Data-plane cost: the same backends behind plain Envoy (the baseline), Envoy with a wasm filter
-//! that does nothing, and the whole zklb stack, each Envoy on one worker, loaded by wrk in
-//! interleaved rounds. Envoy's CPU time per request comes from `/proc/<pid>/stat`.
+//! that does nothing, zklb's Envoy configuration without its filter, and the whole zklb stack;
+//! then zklb with each balancing policy and with services of many instances. Each Envoy runs one
+//! worker and is loaded by wrk in interleaved rounds. Envoy's CPU time per request comes from
+//! `/proc/<pid>/stat`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use zklb_tests::eventually;
-use zklb_tests::stack::{free_port, workspace_root, ControlPlane, Envoy};
+use zklb_tests::stack::{
+    free_port, render_envoy_config, with_router_options, workspace_root, ControlPlane, Envoy,
+};
 
+use crate::envoy_configs::{self, endpoints_yaml};
 use crate::nginx::Nginx;
-use crate::procfs;
 use crate::registration;
 use crate::startup;
 use crate::wrk::{self, WrkReport};
+use zklb_tests::procfs;
 
-/// The service the zklb variant routes to (`Host: echo`); every variant gets the same header.
+/// The service of three instances that the main variants route to (`Host: echo`); the variants
+/// that do not read the header get it too.
 pub const SERVICE: &str = "echo";
+const ROOT: &str = "/services";
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -34,18 +41,73 @@ pub enum Variant {
     NativeRandom,
     /// The baseline plus a proxy-wasm filter that does nothing.
     NoopWasm,
+    /// zklb's Envoy configuration without the zklb filter: the service's cluster from the control
+    /// plane, the `override_host` policy, the upstream removal of the candidate header.
+    ZklbWithoutFilter,
     /// ZooKeeper, the control plane, Envoy rendered from `envoy/envoy.yaml` with the zklb filter.
     Zklb,
+    /// zklb, the service's policy `weighted_random` (weights 1, 2, 3).
+    ZklbWeightedRandom,
+    /// zklb, the service's policy `least_request`.
+    ZklbLeastRequest,
+    /// zklb, a service of 100 instances.
+    Zklb100Instances,
+    /// zklb, a service of 5,000 instances.
+    Zklb5000Instances,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::NativeRandom, Variant::NoopWasm, Variant::Zklb];
+    pub const ALL: [Variant; 8] = [
+        Variant::NativeRandom,
+        Variant::NoopWasm,
+        Variant::ZklbWithoutFilter,
+        Variant::Zklb,
+        Variant::ZklbWeightedRandom,
+        Variant::ZklbLeastRequest,
+        Variant::Zklb100Instances,
+        Variant::Zklb5000Instances,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Variant::NativeRandom => "native_random",
             Variant::NoopWasm => "noop_wasm",
+            Variant::ZklbWithoutFilter => "zklb_without_filter",
             Variant::Zklb => "zklb",
+            Variant::ZklbWeightedRandom => "zklb_weighted_random",
+            Variant::ZklbLeastRequest => "zklb_least_request",
+            Variant::Zklb100Instances => "zklb_100_instances",
+            Variant::Zklb5000Instances => "zklb_5000_instances",
+        }
+    }
+
+    /// The service its requests name in `Host`.
+    pub fn service(self) -> &'static str {
+        match self {
+            Variant::ZklbWeightedRandom => "echo-weighted",
+            Variant::ZklbLeastRequest => "echo-least",
+            Variant::Zklb100Instances => "echo-100",
+            Variant::Zklb5000Instances => "echo-5000",
+            _ => SERVICE,
+        }
+    }
+
+    /// The instances of its service.
+    pub fn instances(self) -> usize {
+        match self {
+            Variant::Zklb100Instances => 100,
+            Variant::Zklb5000Instances => 5_000,
+            _ => 3,
+        }
+    }
+
+    /// The filter's policy for its service (`None`: no zklb filter).
+    pub fn policy(self) -> Option<&'static str> {
+        match self {
+            Variant::NativeRandom | Variant::NoopWasm | Variant::ZklbWithoutFilter => None,
+            Variant::ZklbWeightedRandom => Some("weighted_random"),
+            Variant::ZklbLeastRequest => Some("least_request"),
+            _ => Some("random"),
         }
     }
 }
@@ -60,74 +122,62 @@ pub struct Round {
     pub cpu_us_per_request: f64,
 }
 
-/// Starts the three variants, warms each up, and runs `settings.rounds` interleaved rounds.
+/// The Envoys under test, with what serves and registers their backends.
+struct Envoys {
+    native: Envoy,
+    noop: Envoy,
+    without_filter: Envoy,
+    zklb: Envoy,
+    /// zklb with per-service policies: `weighted_random` and `least_request` services.
+    policies: Envoy,
+    _backends: [Nginx; 2],
+    /// The session that owns the registrations: they live as long as it does.
+    _registrar: zookeeper_client::Client,
+    _control_plane: ControlPlane,
+    _zookeeper: zklb_tests::ZooKeeper,
+}
+
+impl Envoys {
+    fn of(&self, variant: Variant) -> &Envoy {
+        match variant {
+            Variant::NativeRandom => &self.native,
+            Variant::NoopWasm => &self.noop,
+            Variant::ZklbWithoutFilter => &self.without_filter,
+            Variant::ZklbWeightedRandom | Variant::ZklbLeastRequest => &self.policies,
+            Variant::Zklb | Variant::Zklb100Instances | Variant::Zklb5000Instances => &self.zklb,
+        }
+    }
+}
+
+/// Starts every variant, warms each up, and runs `settings.rounds` interleaved rounds.
 pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Round>> {
     let clock_ticks = procfs::clock_ticks_per_second()?;
-    let nginx = Nginx::start(dir, "nginx-data-plane", 0..settings.backends).await;
-    let endpoints = endpoints_yaml(&nginx.ports);
-
-    let native = start_static(
-        dir,
-        "native-random.yaml",
-        Variant::NativeRandom,
-        &endpoints,
-        None,
-    )
-    .await?;
-    let noop_wasm_path = workspace_root().join("target/zklb_noop_filter.wasm");
-    if !noop_wasm_path.exists() {
-        bail!(
-            "{} is missing: run scripts/build-filter zklb-noop-filter",
-            noop_wasm_path.display()
-        );
-    }
-    let noop = start_static(
-        dir,
-        "noop-wasm.yaml",
-        Variant::NoopWasm,
-        &endpoints,
-        Some(&noop_wasm_path),
-    )
-    .await?;
-
-    let zklb_dir = dir.join(Variant::Zklb.name());
-    std::fs::create_dir_all(&zklb_dir)?;
-    let zookeeper = startup::zookeeper(&zklb_dir).await?;
-    let control_plane = ControlPlane::start(&zookeeper, "/services", &zklb_dir).await;
-    // This session owns the registrations: it lives as long as the variant.
-    let registrar = zookeeper.client().await;
-    registration::create_service(&registrar, "/services", SERVICE).await?;
-    for (index, port) in nginx.ports.iter().enumerate() {
-        registration::register(
-            &registrar,
-            "/services",
-            SERVICE,
-            &format!("{SERVICE}-{index}"),
-            *port,
-        )
-        .await?;
-    }
-    let zklb = Envoy::start_with_workers(&control_plane, 1, &zklb_dir).await;
-
-    let envoys = [
-        (Variant::NativeRandom, &native),
-        (Variant::NoopWasm, &noop),
-        (Variant::Zklb, &zklb),
-    ];
-    for (variant, envoy) in envoys {
-        wait_for_every_backend(variant.name(), envoy, nginx.ports.len()).await;
-    }
-    for (variant, envoy) in envoys {
+    let envoys = start(dir, settings).await?;
+    for variant in Variant::ALL {
         println!("data plane: warming up {}", variant.name());
-        wrk::run(&url(envoy), SERVICE, settings.connections, settings.warm_up).await?;
+        // Many instances means as many upstream connections to open before the rounds measure
+        // a steady state.
+        let warm_up = if variant.instances() > 100 {
+            settings.warm_up.max(Duration::from_secs(3))
+        } else {
+            settings.warm_up
+        };
+        let url = url(envoys.of(variant));
+        wrk::run(&url, variant.service(), settings.connections, warm_up).await?;
     }
 
     let mut rounds = Vec::new();
     for round in 1..=settings.rounds {
-        for (variant, envoy) in envoys {
+        for variant in Variant::ALL {
+            let envoy = envoys.of(variant);
             let before = procfs::cpu_ticks(envoy.pid())?;
-            let report =
-                wrk::run(&url(envoy), SERVICE, settings.connections, settings.round).await?;
+            let report = wrk::run(
+                &url(envoy),
+                variant.service(),
+                settings.connections,
+                settings.round,
+            )
+            .await?;
             let after = procfs::cpu_ticks(envoy.pid())?;
             let cpu_us = (after - before) as f64 * 1e6 / clock_ticks as f64;
             let measured = Round {
@@ -137,7 +187,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
                 wrk: report,
             };
             println!(
-                "data plane: round {round}/{} {:<13} {:>9.0} rps  p50 {:.2} ms  p99 {:.2} ms  {:.1} µs CPU/req  non-2xx {}  socket errors {}",
+                "data plane: round {round}/{} {:<20} {:>9.0} rps  p50 {:.2} ms  p99 {:.2} ms  {:.1} µs CPU/req  non-2xx {}  socket errors {}",
                 settings.rounds,
                 variant.name(),
                 measured.wrk.requests_per_second,
@@ -150,71 +200,159 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
             rounds.push(measured);
         }
     }
-    drop(registrar);
     Ok(rounds)
+}
+
+async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
+    let nginx = Nginx::start(dir, "nginx-data-plane", 0..settings.backends).await;
+    let largest = Variant::ALL
+        .iter()
+        .map(|v| v.instances())
+        .max()
+        .unwrap_or(0);
+    let many = Nginx::start(dir, "nginx-many-instances", 0..largest).await;
+    let endpoints = endpoints_yaml(&nginx.ports);
+
+    let native = envoy_configs::start_template(
+        &dir.join(Variant::NativeRandom.name()),
+        "native-random.yaml",
+        &[("BENCH_ENDPOINTS", endpoints.clone())],
+        1,
+    )
+    .await?;
+    let noop_wasm_path = workspace_root().join("target/zklb_noop_filter.wasm");
+    if !noop_wasm_path.exists() {
+        bail!(
+            "{} is missing: run scripts/build-filter zklb-noop-filter",
+            noop_wasm_path.display()
+        );
+    }
+    let noop = envoy_configs::start_template(
+        &dir.join(Variant::NoopWasm.name()),
+        "noop-wasm.yaml",
+        &[
+            ("BENCH_ENDPOINTS", endpoints),
+            ("BENCH_FILTER_WASM", noop_wasm_path.display().to_string()),
+        ],
+        1,
+    )
+    .await?;
+
+    let zklb_dir = dir.join(Variant::Zklb.name());
+    std::fs::create_dir_all(&zklb_dir)?;
+    let zookeeper = startup::zookeeper(&zklb_dir).await?;
+    let control_plane = ControlPlane::start(&zookeeper, ROOT, &zklb_dir).await;
+    let registrar = zookeeper.client().await;
+    let mut registered = std::collections::BTreeSet::new();
+    for variant in Variant::ALL {
+        let service = variant.service();
+        if !registered.insert(service) {
+            continue;
+        }
+        registration::create_service(&registrar, ROOT, service).await?;
+        if variant.instances() > settings.backends {
+            let ports = &many.ports[..variant.instances()];
+            registration::register_many(&registrar, ROOT, service, "i", ports).await?;
+            continue;
+        }
+        for (index, &port) in nginx.ports.iter().enumerate() {
+            let id = format!("{service}-{index}");
+            let weight = match variant.policy() {
+                Some("weighted_random") => index as u32 + 1,
+                _ => 1,
+            };
+            let instance = registration::weighted_instance(service, &id, port, weight);
+            registration::register_instance(&registrar, ROOT, &instance).await?;
+        }
+    }
+
+    let zklb = Envoy::start_with_workers(&control_plane, 1, &zklb_dir).await;
+    let without_filter = {
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let rendered = render_envoy_config(listen_port, admin_port, control_plane.port);
+        let config =
+            envoy_configs::without_zklb_filter(&rendered, &zklb_wire::cluster_name(SERVICE))?;
+        let variant_dir = dir.join(Variant::ZklbWithoutFilter.name());
+        envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1).await?
+    };
+    let policies = {
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let services: Vec<String> = Variant::ALL
+            .iter()
+            .filter_map(|variant| {
+                let policy = variant.policy().filter(|policy| *policy != "random")?;
+                Some(format!(
+                    r#""{}": {{"policy": "{policy}"}}"#,
+                    variant.service()
+                ))
+            })
+            .collect();
+        let rendered = render_envoy_config(listen_port, admin_port, control_plane.port);
+        let options = format!(r#""services": {{{}}}"#, services.join(", "));
+        let config = with_router_options(&rendered, &options);
+        let policies_dir = dir.join("zklb_policies");
+        envoy_configs::start_rendered(&policies_dir, &config, listen_port, admin_port, 1).await?
+    };
+
+    let envoys = Envoys {
+        native,
+        noop,
+        without_filter,
+        zklb,
+        policies,
+        _backends: [nginx, many],
+        _registrar: registrar,
+        _control_plane: control_plane,
+        _zookeeper: zookeeper,
+    };
+    for variant in Variant::ALL {
+        let envoy = envoys.of(variant);
+        if variant.instances() > settings.backends {
+            wait_for_members(variant, envoy).await;
+        } else {
+            wait_for_every_backend(variant.name(), envoy, variant.service(), settings.backends)
+                .await;
+        }
+    }
+    Ok(envoys)
 }
 
 pub fn url(envoy: &Envoy) -> String {
     format!("http://127.0.0.1:{}/", envoy.listen_port)
 }
 
-/// Envoy from one of `bench/envoy/*.yaml`, on one worker.
-async fn start_static(
-    dir: &Path,
-    template: &str,
-    variant: Variant,
-    endpoints: &str,
-    wasm: Option<&PathBuf>,
-) -> anyhow::Result<Envoy> {
-    let template_path = workspace_root().join("bench/envoy").join(template);
-    let text = std::fs::read_to_string(&template_path)
-        .with_context(|| format!("reading {}", template_path.display()))?;
-    let (listen_port, admin_port) = (free_port(), free_port());
-    let mut variables = vec![
-        ("BENCH_LISTEN_PORT", listen_port.to_string()),
-        ("BENCH_ADMIN_PORT", admin_port.to_string()),
-        ("BENCH_ENDPOINTS", endpoints.to_string()),
-    ];
-    if let Some(wasm) = wasm {
-        variables.push(("BENCH_FILTER_WASM", wasm.display().to_string()));
-    }
-    let rendered = render(&text, &variables)
-        .with_context(|| format!("rendering {}", template_path.display()))?;
-    let variant_dir = dir.join(variant.name());
-    std::fs::create_dir_all(&variant_dir)?;
-    let config = variant_dir.join("envoy.yaml");
-    std::fs::write(&config, rendered)?;
-    Ok(Envoy::start_with_config(config, listen_port, admin_port, 1, &variant_dir).await)
+/// Waits until `envoy` has every instance of the variant's service in its cluster and answers
+/// for it.
+async fn wait_for_members(variant: Variant, envoy: &Envoy) {
+    let http = reqwest::Client::new();
+    let members = format!(
+        "cluster.{}.membership_total",
+        zklb_wire::cluster_name(variant.service())
+    );
+    let what = format!("{} has {} members", variant.name(), variant.instances());
+    eventually(Duration::from_secs(60), &what, || async {
+        let listed = envoy.stat(&members).await;
+        if listed != variant.instances() as u64 {
+            return Err(format!("{listed} members"));
+        }
+        let response = http
+            .get(url(envoy))
+            .header("host", variant.service())
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {}", response.status()))
+        }
+    })
+    .await;
 }
 
-/// Replaces each `${NAME}` by its value; refuses to leave a `${` behind.
-fn render(template: &str, variables: &[(&str, String)]) -> anyhow::Result<String> {
-    let mut text = template.to_string();
-    for (name, value) in variables {
-        text = text.replace(&format!("${{{name}}}"), value);
-    }
-    if let Some(at) = text.find("${") {
-        let rest: String = text[at..].chars().take(40).collect();
-        bail!("no value for {rest:?}");
-    }
-    Ok(text)
-}
-
-/// The `lb_endpoints` entries of a static cluster, indented for the templates.
-fn endpoints_yaml(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(|port| {
-            format!(
-                "              - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
-            )
-        })
-        .collect()
-}
-
-/// Waits until requests through `envoy` have reached every backend, so no round measures a
-/// start-up.
-pub async fn wait_for_every_backend(name: &str, envoy: &Envoy, backends: usize) {
+/// Waits until requests for `service` through `envoy` have reached every backend, so no round
+/// measures a start-up.
+pub async fn wait_for_every_backend(name: &str, envoy: &Envoy, service: &str, backends: usize) {
     let http = reqwest::Client::new();
     let url = url(envoy);
     let what = format!("{name} reaches all {backends} backends");
@@ -223,7 +361,7 @@ pub async fn wait_for_every_backend(name: &str, envoy: &Envoy, backends: usize) 
         for _ in 0..20 * backends {
             let response = http
                 .get(&url)
-                .header("host", SERVICE)
+                .header("host", service)
                 .send()
                 .await
                 .map_err(|error| error.to_string())?;
@@ -241,61 +379,4 @@ pub async fn wait_for_every_backend(name: &str, envoy: &Envoy, backends: usize) 
         }
     })
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn templates_are_rendered_completely() {
-        let rendered =
-            render("a ${X} b ${Y}", &[("X", "1".into()), ("Y", "2".into())]).expect("renders");
-        assert_eq!(rendered, "a 1 b 2");
-        let error = render("a ${X} b ${Z}", &[("X", "1".into())]).expect_err("Z has no value");
-        assert!(error.to_string().contains("${Z}"), "{error}");
-    }
-
-    /// The noop-wasm variant needs its wasm module to validate (Envoy loads it); `bench/run`
-    /// starts it and fails if Envoy refuses it.
-    #[test]
-    fn baseline_config_validates() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let template =
-            std::fs::read_to_string(workspace_root().join("bench/envoy/native-random.yaml"))
-                .expect("template");
-        let variables = [
-            ("BENCH_LISTEN_PORT", "10000".to_string()),
-            ("BENCH_ADMIN_PORT", "9901".to_string()),
-            ("BENCH_ENDPOINTS", endpoints_yaml(&[8081, 8082, 8083])),
-        ];
-        let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, render(&template, &variables).expect("renders")).expect("writing");
-        if let Err(reasons) = zklb_tests::stack::validate_envoy_config(&config) {
-            panic!("envoy rejected bench/envoy/native-random.yaml:\n{reasons}");
-        }
-    }
-
-    #[test]
-    fn shipped_variant_templates_take_exactly_the_bench_variables() {
-        for (template, wasm) in [("native-random.yaml", false), ("noop-wasm.yaml", true)] {
-            let text = std::fs::read_to_string(workspace_root().join("bench/envoy").join(template))
-                .expect("template");
-            let mut variables = vec![
-                ("BENCH_LISTEN_PORT", "1".to_string()),
-                ("BENCH_ADMIN_PORT", "2".to_string()),
-                ("BENCH_ENDPOINTS", endpoints_yaml(&[3, 4])),
-            ];
-            if wasm {
-                variables.push(("BENCH_FILTER_WASM", "/x.wasm".to_string()));
-            }
-            let rendered =
-                render(&text, &variables).unwrap_or_else(|error| panic!("{template}: {error}"));
-            assert!(
-                !rendered.contains("0.0.0.0"),
-                "{template} listens beyond 127.0.0.1"
-            );
-            assert_eq!(rendered.matches("port_value: 4 ").count(), 1, "{template}");
-        }
-    }
 }

@@ -2,7 +2,8 @@
 //! when the registry holds many services. One ZooKeeper; per size a root of its own, a control
 //! plane and an Envoy (one worker) with the filter. Requests go to the service `echo` (the same
 //! three nginx backends at every size); the other services only fill the filter's table and
-//! Envoy's clusters. wrk rounds are interleaved across sizes.
+//! Envoy's clusters. wrk rounds are interleaved across sizes. Then what one service's change
+//! costs Envoy on a large registry ([`list_update`]).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,13 +11,14 @@ use std::time::{Duration, Instant};
 use zklb_tests::stack::{ControlPlane, Envoy};
 
 use crate::data_plane::{self, SERVICE};
+use crate::list_update;
 use crate::nginx::Nginx;
-use crate::procfs;
 use crate::propagation::{millis, wait_first, CHANGE_LIMIT, ISOLATION};
 use crate::registration;
 use crate::startup;
 use crate::traffic::Traffic;
 use crate::wrk::{self, WrkReport};
+use zklb_tests::procfs;
 
 /// Instances of every filler service (unreachable ports: no request is routed to them).
 const FILLER_INSTANCES: usize = 3;
@@ -33,6 +35,13 @@ pub struct Settings {
     /// Isolated registrations timed at each size.
     pub changes: usize,
     pub clients: usize,
+    pub update: list_update::Settings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Results {
+    pub sizes: Vec<Size>,
+    pub update: list_update::Results,
 }
 
 /// The figures of one registry size.
@@ -51,7 +60,7 @@ struct Stack {
     _control_plane: ControlPlane,
 }
 
-pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Size>> {
+pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Results> {
     let dir = dir.join("filter-scale");
     std::fs::create_dir_all(&dir)?;
     // Labels 0..3 serve `echo`; label 3 is the instance that registers during the changes.
@@ -79,7 +88,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Size
         let control_plane = ControlPlane::start(&zookeeper, &root, &size_dir).await;
         let envoy = Envoy::start_with_workers(&control_plane, 1, &size_dir).await;
         let name = format!("{services} services");
-        data_plane::wait_for_every_backend(&name, &envoy, 3).await;
+        data_plane::wait_for_every_backend(&name, &envoy, SERVICE, 3).await;
         println!("filter scale: {services} services up");
         stacks.push(Stack {
             services,
@@ -150,6 +159,9 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Size
                 .collect::<Vec<_>>()
         );
     }
+    drop(stacks);
     drop(registrar);
-    Ok(sizes)
+    let update =
+        list_update::measure(&dir, &zookeeper, &nginx.ports[..3], &settings.update).await?;
+    Ok(Results { sizes, update })
 }

@@ -10,6 +10,8 @@ pub struct Machine {
     pub kernel: String,
     pub envoy: String,
     pub zklb_rev: String,
+    /// Where the control plane and the demo backends that were measured were built.
+    pub binaries: String,
     pub nginx: String,
     pub wrk: String,
     pub date: String,
@@ -28,6 +30,7 @@ impl Machine {
                 .and_then(|text| envoy_version(&text).map(str::to_string))
                 .unwrap_or_else(|| "unknown".into()),
             zklb_rev: zklb_rev(root),
+            binaries: binaries(root),
             nginx: output("nginx", &["-v"]).map_or_else(
                 || "unknown".into(),
                 |text| text.replace("nginx version: ", ""),
@@ -62,6 +65,16 @@ pub fn load_average() -> String {
 
 /// The short commit of the working tree, marked `-dirty` when it has changes other than the
 /// results file itself.
+/// Where the measured binaries come from, relative to the workspace when inside it.
+fn binaries(root: &Path) -> String {
+    let directory = zklb_tests::stack::binaries_directory();
+    directory
+        .strip_prefix(root)
+        .unwrap_or(&directory)
+        .display()
+        .to_string()
+}
+
 fn zklb_rev(root: &Path) -> String {
     let root = root.display().to_string();
     let Some(rev) = output("git", &["-C", &root, "rev-parse", "--short=12", "HEAD"]) else {

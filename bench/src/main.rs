@@ -1,25 +1,36 @@
 //! zklb's benchmarks: the data-plane cost of zklb against plain Envoy, how fast registry changes
-//! reach requests, and what a backend crash under load costs, on this machine, written into
-//! `BENCHMARKS.md`.
+//! reach requests, what a backend crash under load costs, and how the control plane and the
+//! filter cope with large registries, on this machine, written into `BENCHMARKS.md`.
 //!
-//! - [`data_plane`]: wrk against three Envoy variants in interleaved rounds;
+//! - [`data_plane`]: wrk against Envoy variants in interleaved rounds
+//!   ([`breakdown`] splits its cost; [`envoy_configs`] are the Envoys it compares);
 //! - [`propagation`]: registry changes timed to the first or last answer through Envoy;
-//! - [`failover`]: a backend crashing under load, counted in failed requests and retries;
+//! - [`failover`]: a backend crashing under load, through zklb and plain Envoy, counted in
+//!   failed requests, retries and the time to eject it;
 //! - [`scale`]: the control plane with thousands of instances registered;
-//! - [`filter_scale`]: the filter's cost and propagation with hundreds of services;
+//! - [`fan_out`]: a change reaching many long-polling filters and ADS streams ([`ads_client`]);
+//! - [`filter_scale`]: the filter's cost and propagation with hundreds of services, and
+//!   [`list_update`], one change's cost on a large registry;
+//! - [`filter_comparison`]: builds of the filter against each other, for a change's before and
+//!   after (`--compare-filters`, printed, not written into `BENCHMARKS.md`);
 //! - [`report`]: the results section of `BENCHMARKS.md`;
 //! - [`nginx`], [`registration`], [`traffic`], [`wrk`], [`startup`]: the backends, the znodes, the
-//!   request loop, the load generator and starting ZooKeeper; [`stats`] and [`machine`] what the figures are reduced to and
-//!   measured on.
+//!   request loop, the load generator and starting ZooKeeper; [`stats`], [`procfs`] and
+//!   [`machine`] what the figures are reduced to, read from and measured on.
 //!
 //! Processes (ZooKeeper, control plane, Envoy) come from the end-to-end harness `zklb-tests`.
 
+mod ads_client;
+mod breakdown;
 mod data_plane;
+mod envoy_configs;
 mod failover;
+mod fan_out;
+mod filter_comparison;
 mod filter_scale;
+mod list_update;
 mod machine;
 mod nginx;
-mod procfs;
 mod propagation;
 mod registration;
 mod report;
@@ -51,6 +62,11 @@ struct Args {
     /// A line about the circumstances, written with the results (other work on the machine...).
     #[arg(long)]
     note: Option<String>,
+    /// Compare these builds of the filter (wasm files, the first the baseline) on Envoy's CPU per
+    /// request, loaded at the same time, and print the table; nothing else runs and
+    /// BENCHMARKS.md is left as it is.
+    #[arg(long, value_delimiter = ',')]
+    compare_filters: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,13 +75,14 @@ enum Part {
     Propagation,
     Failover,
     Scale,
+    FanOut,
     FilterScale,
 }
 
 fn data_plane_settings(quick: bool) -> data_plane::Settings {
     data_plane::Settings {
-        rounds: if quick { 4 } else { 7 },
-        round: Duration::from_secs(if quick { 2 } else { 15 }),
+        rounds: if quick { 3 } else { 7 },
+        round: Duration::from_secs(if quick { 2 } else { 10 }),
         warm_up: Duration::from_secs(if quick { 1 } else { 3 }),
         connections: 50,
         backends: 3,
@@ -96,12 +113,22 @@ fn failover_settings(quick: bool) -> failover::Settings {
 fn scale_settings(quick: bool) -> scale::Settings {
     scale::Settings {
         sizes: if quick {
-            vec![1_000]
+            vec![1_000, 10_000]
         } else {
-            vec![1_000, 10_000, 20_000, 50_000]
+            vec![1_000, 10_000, 100_000]
         },
-        per_service: 20,
+        per_service: 100,
         changes: if quick { 5 } else { 20 },
+    }
+}
+
+fn fan_out_settings(quick: bool) -> fan_out::Settings {
+    fan_out::Settings {
+        services: if quick { 100 } else { 1_000 },
+        per_service: 100,
+        pollers: 100,
+        ads_streams: 100,
+        changes: if quick { 3 } else { 10 },
     }
 }
 
@@ -118,6 +145,11 @@ fn filter_scale_settings(quick: bool) -> filter_scale::Settings {
         connections: 50,
         changes: if quick { 2 } else { 5 },
         clients: 4,
+        update: list_update::Settings {
+            services: if quick { 100 } else { 1_000 },
+            per_service: 100,
+            changes: if quick { 3 } else { 10 },
+        },
     }
 }
 
@@ -139,10 +171,32 @@ async fn main() -> anyhow::Result<()> {
         dir.path().display()
     );
 
+    if !args.compare_filters.is_empty() {
+        if args.compare_filters.len() < 2 {
+            anyhow::bail!("--compare-filters needs two builds at least, comma-separated");
+        }
+        let settings = filter_comparison::Settings {
+            rounds: if args.quick { 5 } else { 15 },
+            round: Duration::from_secs(5),
+            connections: 25,
+        };
+        let builds =
+            match filter_comparison::measure(dir.path(), &settings, &args.compare_filters).await {
+                Ok(builds) => builds,
+                Err(error) => {
+                    eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
+                    return Err(error);
+                }
+            };
+        println!("\n{}", filter_comparison::table(&settings, &builds));
+        return Ok(());
+    }
+
     let data_plane_settings = data_plane_settings(args.quick);
     let propagation_settings = propagation_settings(args.quick);
     let failover_settings = failover_settings(args.quick);
     let scale_settings = scale_settings(args.quick);
+    let fan_out_settings = fan_out_settings(args.quick);
     let filter_scale_settings = filter_scale_settings(args.quick);
     let wants = |part: Part| args.only.is_none_or(|only| only == part);
     let measured = async {
@@ -166,15 +220,27 @@ async fn main() -> anyhow::Result<()> {
         } else {
             None
         };
+        let fan_out = if wants(Part::FanOut) {
+            Some(fan_out::measure(dir.path(), &fan_out_settings).await?)
+        } else {
+            None
+        };
         let filter_scale = if wants(Part::FilterScale) {
             Some(filter_scale::measure(dir.path(), &filter_scale_settings).await?)
         } else {
             None
         };
-        anyhow::Ok((data_plane, propagation, failover, scale, filter_scale))
+        anyhow::Ok((
+            data_plane,
+            propagation,
+            failover,
+            scale,
+            fan_out,
+            filter_scale,
+        ))
     }
     .await;
-    let (data_plane, propagation, failover, scale, filter_scale) = match measured {
+    let (data_plane, propagation, failover, scale, fan_out, filter_scale) = match measured {
         Ok(measured) => measured,
         Err(error) => {
             eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
@@ -210,9 +276,10 @@ async fn main() -> anyhow::Result<()> {
             .as_deref()
             .map(|rounds| (&failover_settings, rounds)),
         scale: scale.as_deref().map(|sizes| (&scale_settings, sizes)),
+        fan_out: fan_out.as_ref().map(|results| (&fan_out_settings, results)),
         filter_scale: filter_scale
-            .as_deref()
-            .map(|sizes| (&filter_scale_settings, sizes)),
+            .as_ref()
+            .map(|results| (&filter_scale_settings, results)),
     };
     let existing = std::fs::read_to_string(&output).ok();
     let text = report::splice(existing.as_deref(), &report::results(&run));

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use zklb_tests::eventually;
 use zklb_tests::process::Child;
-use zklb_tests::stack::free_port;
 
 /// One nginx process serving `ports`; its `i`-th port answers `200` with the body
 /// [`Nginx::label`]`(first_label + i)`.
@@ -24,7 +23,7 @@ impl Nginx {
     pub async fn start(dir: &Path, name: &str, labels: Range<usize>) -> Nginx {
         let home = dir.join(name);
         std::fs::create_dir_all(&home).expect("creating nginx's directory");
-        let ports: Vec<u16> = labels.clone().map(|_| free_port()).collect();
+        let ports = free_ports(labels.len());
         let config = home.join("nginx.conf");
         std::fs::write(&config, config_text(&home, &ports, labels.start))
             .expect("writing nginx.conf");
@@ -70,6 +69,21 @@ impl Drop for Nginx {
     }
 }
 
+/// Where backends listen: above the instances that are registered but never listened on (ports
+/// 20000 and up), below the kernel's ephemeral ports (32768 and up), which outgoing connections
+/// take at any moment, so that a port found free here stays free until nginx binds it.
+const PORTS: std::ops::RangeInclusive<u16> = 24_000..=32_767;
+
+/// `count` ports of [`PORTS`] that are free now.
+fn free_ports(count: usize) -> Vec<u16> {
+    let ports: Vec<u16> = PORTS
+        .filter(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .take(count)
+        .collect();
+    assert_eq!(ports.len(), count, "not enough free ports in {PORTS:?}");
+    ports
+}
+
 fn config_text(home: &Path, ports: &[u16], first_label: usize) -> String {
     let home = home.display();
     let servers: String = ports
@@ -82,12 +96,16 @@ fn config_text(home: &Path, ports: &[u16], first_label: usize) -> String {
             )
         })
         .collect();
+    // Every listening socket takes a connection slot too, and each port may hold a connection
+    // from every Envoy worker.
+    let connections = 4096 + 2 * ports.len();
     format!(
         "daemon off;
 worker_processes 1;
+worker_rlimit_nofile {connections};
 pid {home}/nginx.pid;
 error_log {home}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     default_type text/plain;

@@ -4,29 +4,21 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use serde_json::json;
+use zklb_agent::curator::Instance;
 use zookeeper_client::{Acls, Client, CreateMode};
 
-/// The Curator x-discovery JSON of an instance on 127.0.0.1.
-pub fn curator_instance(service: &str, id: &str, port: u16, registered_ms: u64) -> Vec<u8> {
-    let instance = json!({
-        "name": service,
-        "id": id,
-        "address": "127.0.0.1",
-        "port": port,
-        "sslPort": null,
-        "payload": null,
-        "registrationTimeUTC": registered_ms,
-        "serviceType": "DYNAMIC",
-        "uriSpec": {"parts": [
-            {"value": "scheme", "variable": true},
-            {"value": "://", "variable": false},
-            {"value": "address", "variable": true},
-            {"value": ":", "variable": false},
-            {"value": "port", "variable": true}
-        ]}
-    });
-    instance.to_string().into_bytes()
+/// The Curator x-discovery JSON of an instance on 127.0.0.1, in rotation.
+fn curator_instance(service: &str, id: &str, port: u16, registered_ms: u64) -> Vec<u8> {
+    Instance::new(service, id, "127.0.0.1", port).to_json(true, registered_ms)
+}
+
+/// An instance on 127.0.0.1 of registry weight `weight` (Spring Cloud's `metadata.weight`).
+pub fn weighted_instance(service: &str, id: &str, port: u16, weight: u32) -> Instance {
+    let mut instance = Instance::new(service, id, "127.0.0.1", port);
+    instance
+        .metadata
+        .insert("weight".into(), weight.to_string());
+    instance
 }
 
 /// Creates the service's persistent znode (and the root) if missing.
@@ -38,7 +30,8 @@ pub async fn create_service(zookeeper: &Client, root: &str, service: &str) -> an
         .with_context(|| format!("creating {path}"))
 }
 
-/// Registers an instance of an existing service; returns its znode once the create has returned.
+/// Registers an instance on 127.0.0.1 of an existing service; returns its znode once the create
+/// has returned.
 pub async fn register(
     zookeeper: &Client,
     root: &str,
@@ -46,7 +39,22 @@ pub async fn register(
     id: &str,
     port: u16,
 ) -> anyhow::Result<String> {
-    let path = format!("{root}/{service}/{id}");
+    register_instance(
+        zookeeper,
+        root,
+        &Instance::new(service, id, "127.0.0.1", port),
+    )
+    .await
+}
+
+/// Registers `instance` (of an existing service); returns its znode once the create has
+/// returned.
+pub async fn register_instance(
+    zookeeper: &Client,
+    root: &str,
+    instance: &Instance,
+) -> anyhow::Result<String> {
+    let path = format!("{root}/{}/{}", instance.service, instance.id);
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|since| since.as_millis() as u64)
@@ -54,7 +62,7 @@ pub async fn register(
     zookeeper
         .create(
             &path,
-            &curator_instance(service, id, port, now_ms),
+            &instance.to_json(true, now_ms),
             &CreateMode::Ephemeral.with_acls(Acls::anyone_all()),
         )
         .await
@@ -94,26 +102,26 @@ pub async fn register_many(
     Ok(())
 }
 
+/// `services` services `svc-<n>` under `root`, each of `per_service` instances `i-<k>` on ports
+/// from 20000 up: the bulk of a large registry, whose instances are never sent requests.
+pub async fn register_bulk(
+    zookeeper: &Client,
+    root: &str,
+    services: usize,
+    per_service: usize,
+) -> anyhow::Result<()> {
+    let ports: Vec<u16> = (0..per_service).map(|i| 20_000 + i as u16).collect();
+    for s in 0..services {
+        let service = format!("svc-{s}");
+        create_service(zookeeper, root, &service).await?;
+        register_many(zookeeper, root, &service, "i", &ports).await?;
+    }
+    Ok(())
+}
+
 pub async fn deregister(zookeeper: &Client, path: &str) -> anyhow::Result<()> {
     zookeeper
         .delete(path, None)
         .await
         .with_context(|| format!("deleting {path}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn instances_are_curator_json_on_loopback() {
-        let bytes = curator_instance("echo", "echo-1", 8080, 1_700_000_000_000);
-        let instance: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
-        assert_eq!(instance["name"], "echo");
-        assert_eq!(instance["id"], "echo-1");
-        assert_eq!(instance["address"], "127.0.0.1");
-        assert_eq!(instance["port"], 8080);
-        assert_eq!(instance["serviceType"], "DYNAMIC");
-        assert_eq!(instance["registrationTimeUTC"], 1_700_000_000_000u64);
-    }
 }

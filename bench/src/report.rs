@@ -3,13 +3,19 @@
 
 use std::fmt::Write as _;
 
+use crate::breakdown::{
+    paired, Breakdown, CPU_TARGET_RATIO, FILTER_WORK_TARGET_US, RPS_TARGET_RATIO,
+};
 use crate::data_plane::{self, Round, Variant};
 use crate::failover;
+use crate::fan_out;
 use crate::filter_scale;
+use crate::list_update;
 use crate::machine::Machine;
 use crate::propagation;
 use crate::scale;
 use crate::stats::{median, percentile};
+use crate::traffic::Window;
 
 /// Everything after this line is the results section.
 pub const MARKER: &str = "<!-- bench/run rewrites everything below this line. -->";
@@ -30,7 +36,8 @@ pub struct Run<'a> {
     pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
     pub failover: Option<(&'a failover::Settings, &'a [failover::Round])>,
     pub scale: Option<(&'a scale::Settings, &'a [scale::Size])>,
-    pub filter_scale: Option<(&'a filter_scale::Settings, &'a [filter_scale::Size])>,
+    pub fan_out: Option<(&'a fan_out::Settings, &'a fan_out::Results)>,
+    pub filter_scale: Option<(&'a filter_scale::Settings, &'a filter_scale::Results)>,
 }
 
 /// The new file: `existing`'s text up to and including [`MARKER`] (or [`INTRO`] and the marker
@@ -77,8 +84,8 @@ pub fn results(run: &Run) -> String {
     let _ = writeln!(out, "| Envoy | {} |", machine.envoy);
     let _ = writeln!(
         out,
-        "| zklb | `{}`; the control plane is the debug build the test harness runs (`target/debug`) |",
-        machine.zklb_rev
+        "| zklb | `{}`; the control plane from `{}` |",
+        machine.zklb_rev, machine.binaries
     );
     let _ = writeln!(
         out,
@@ -97,8 +104,12 @@ pub fn results(run: &Run) -> String {
     if let Some((settings, sizes)) = run.scale {
         scale_section(&mut out, settings, sizes);
     }
-    if let Some((settings, sizes)) = run.filter_scale {
-        filter_scale_section(&mut out, settings, sizes);
+    if let Some((settings, results)) = run.fan_out {
+        fan_out_section(&mut out, settings, results);
+    }
+    if let Some((settings, results)) = run.filter_scale {
+        filter_scale_section(&mut out, settings, &results.sizes);
+        list_update_section(&mut out, &settings.update, &results.update);
     }
     out
 }
@@ -143,7 +154,7 @@ fn data_plane_section(out: &mut String, settings: &data_plane::Settings, rounds:
     let _ = writeln!(out, "### Data plane\n");
     let _ = writeln!(
         out,
-        "`wrk -t1 -c{} -d{}s --latency -H 'Host: echo'`, {} interleaved rounds after a {} s warm-up, Envoy `--concurrency 1`, {} nginx backends. Medians over rounds; × is the ratio to `native_random`'s median.\n",
+        "`wrk -t1 -c{} -d{}s --latency -H 'Host: <service>'`, {} interleaved rounds after a {} s warm-up (3 s at least for 5,000 instances), Envoy `--concurrency 1`, {} nginx backends (or as many ports as the service has instances). Medians over rounds; × is the ratio to `native_random`'s median.\n",
         settings.connections,
         settings.round.as_secs(),
         settings.rounds,
@@ -179,6 +190,8 @@ fn data_plane_section(out: &mut String, settings: &data_plane::Settings, rounds:
             m.failures,
         );
     }
+    breakdown_table(out, rounds);
+    by_policy_and_size_table(out, rounds);
     let _ = writeln!(out, "\nEvery round:\n");
     let _ = writeln!(out, "| round | variant | requests | requests/s | p50 ms | p99 ms | Envoy CPU µs/request | non-2xx | socket errors |");
     let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|--:|--:|");
@@ -198,6 +211,111 @@ fn data_plane_section(out: &mut String, settings: &data_plane::Settings, rounds:
         );
     }
     let _ = writeln!(out);
+}
+
+fn met(met: bool) -> &'static str {
+    if met {
+        "yes"
+    } else {
+        "**no**"
+    }
+}
+
+/// "Where each microsecond goes": the split of zklb's CPU per request, and the targets.
+fn breakdown_table(out: &mut String, rounds: &[Round]) {
+    let Some(split) = Breakdown::of(rounds) else {
+        return;
+    };
+    let _ = writeln!(out, "\n#### Where each microsecond goes\n");
+    let _ = writeln!(
+        out,
+        "Envoy CPU per request, split by the variants that differ by one thing; each share is the median over rounds of the difference within a round.\n"
+    );
+    let _ = writeln!(out, "| share | how | µs/request |");
+    let _ = writeln!(out, "|---|---|--:|");
+    let shares = [
+        ("plain Envoy", "`native_random`", split.native_us),
+        (
+            "any wasm filter",
+            "`noop_wasm` − `native_random`",
+            split.any_wasm_us,
+        ),
+        (
+            "zklb's cluster setup (EDS cluster, `override_host`, header removal)",
+            "`zklb_without_filter` − `native_random`",
+            split.cluster_setup_us,
+        ),
+        (
+            "the filter's own work",
+            "`zklb` − `noop_wasm` − cluster setup",
+            split.filter_work_us,
+        ),
+        ("zklb in all", "`zklb` − `native_random`", split.zklb_us),
+    ];
+    for (share, how, us) in shares {
+        let _ = writeln!(out, "| {share} | {how} | {us:.1} |");
+    }
+    let _ = writeln!(out, "\n| target | measured | met |");
+    let _ = writeln!(out, "|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| the filter's own work ≤ {FILTER_WORK_TARGET_US} µs/request | {:.1} µs | {} |",
+        split.filter_work_us,
+        met(split.filter_work_met()),
+    );
+    let _ = writeln!(
+        out,
+        "| `zklb` ≥ {RPS_TARGET_RATIO}× `noop_wasm`'s requests/s | {:.2}× | {} |",
+        split.rps_vs_noop,
+        met(split.rps_met()),
+    );
+    let _ = writeln!(
+        out,
+        "| `zklb`'s CPU ≤ {CPU_TARGET_RATIO}× `noop_wasm`'s + cluster setup | {:.1} µs against {:.1} µs | {} |",
+        split.zklb_cpu_us,
+        split.cpu_limit_us(),
+        met(split.cpu_met()),
+    );
+}
+
+/// zklb by policy and by the size of the service, against `zklb` (random, three instances).
+fn by_policy_and_size_table(out: &mut String, rounds: &[Round]) {
+    let medians = medians(rounds);
+    let Some(base) = medians.iter().find(|m| m.variant == Variant::Zklb) else {
+        return;
+    };
+    let others: Vec<&Medians> = medians
+        .iter()
+        .filter(|m| m.variant != Variant::Zklb && m.variant.policy().is_some())
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n#### By policy and by service size\n");
+    let _ = writeln!(
+        out,
+        "Against `zklb` (policy `random`, three instances) in the same rounds; Δ is the median over rounds of the difference within a round. Every instance answers (nginx listens on as many ports).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| variant | policy | instances | requests/s | × `zklb` | p99 ms | Envoy CPU µs/request | Δ µs/request |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|");
+    for m in std::iter::once(base).chain(others) {
+        let delta = paired(rounds, |cpu| Some(cpu(m.variant)? - cpu(Variant::Zklb)?));
+        let _ = writeln!(
+            out,
+            "| `{}` | `{}` | {} | {:.0} | {:.2}× | {:.2} | {:.1} | {} |",
+            m.variant.name(),
+            m.variant.policy().unwrap_or("–"),
+            m.variant.instances(),
+            m.rps,
+            m.rps / base.rps.max(1e-9),
+            m.p99,
+            m.cpu,
+            delta.map_or("–".to_string(), |us| format!("{us:+.1}")),
+        );
+    }
 }
 
 fn propagation_section(
@@ -296,46 +414,150 @@ fn failover_section(out: &mut String, settings: &failover::Settings, rounds: &[f
     let _ = writeln!(out, "\n### Failover under load\n");
     let _ = writeln!(
         out,
-        "Envoy `--concurrency {}`, {} clients in a tight loop, three backends. Each round: {} s as is, then one backend killed (SIGKILL) while still registered for {} s, then deregistered for {} s, then replaced. Failed: answers other than 200 and requests without an answer; retries: Envoy's `upstream_rq_retry` for the service's cluster.\n",
+        "Envoy `--concurrency {}`, {} clients in a tight loop, three backends; `zklb` (the filter) and `native_random` (plain Envoy: the same members by EDS from the same control plane, RANDOM, `previous_hosts` retries, outlier detection after 3 consecutive failures) take turns. Each round: {} s as is, then one backend killed (SIGKILL) while still registered for {} s, then deregistered for {} s, then replaced. Failed: answers other than 200 and requests without an answer; retries: Envoy's `upstream_rq_retry` for the service's cluster, per answered request; the ejection: the first reading (every 20 ms) of Envoy's ejected hosts that rose.\n",
         settings.envoy_workers,
         settings.clients,
         settings.stretch.as_secs(),
         settings.stretch.as_secs(),
         settings.stretch.as_secs(),
     );
+    let _ = writeln!(out, "| | `zklb` | `native_random` |");
+    let _ = writeln!(out, "|---|--:|--:|");
+    let of = |variant: failover::Variant| -> Vec<&failover::Round> {
+        rounds
+            .iter()
+            .filter(|round| round.variant == variant)
+            .collect()
+    };
+    let [zklb, native] = failover::Variant::ALL.map(of);
+    type Figure = fn(&[&failover::Round]) -> String;
+    let figures: [(&str, Figure); 8] = [
+        ("failed requests, crashed and registered", |rounds| {
+            let failed: u64 = rounds.iter().map(|round| round.crashed.failed).sum();
+            let all: u64 = rounds.iter().map(|r| r.crashed.ok + r.crashed.failed).sum();
+            format!("{failed} of {all}")
+        }),
+        ("failed requests, deregistered", |rounds| {
+            let failed: u64 = rounds.iter().map(|round| round.deregistered.failed).sum();
+            let all: u64 = rounds
+                .iter()
+                .map(|r| r.deregistered.ok + r.deregistered.failed)
+                .sum();
+            format!("{failed} of {all}")
+        }),
+        ("crash → ejection, median ms", |rounds| {
+            let ms: Vec<f64> = rounds
+                .iter()
+                .filter_map(|round| round.ejected_after)
+                .map(|after| after.as_secs_f64() * 1000.0)
+                .collect();
+            let ejected = ms.len();
+            median(&ms).map_or("never".to_string(), |ms| {
+                format!("{ms:.0} ({ejected} of {} ejected)", rounds.len())
+            })
+        }),
+        ("retries per request, crash → ejection", |rounds| {
+            ratio_of(
+                rounds
+                    .iter()
+                    .map(|round| (round.retries_until_ejection, &round.until_ejection)),
+            )
+        }),
+        (
+            "retries per request, ejection → deregistration",
+            |rounds| {
+                ratio_of(
+                    rounds
+                        .iter()
+                        .filter_map(|round| round.after_ejection.as_ref())
+                        .map(|(window, retries)| (*retries, window)),
+                )
+            },
+        ),
+        ("retries per request, deregistered", |rounds| {
+            ratio_of(
+                rounds
+                    .iter()
+                    .map(|round| (round.deregistered_retries, &round.deregistered)),
+            )
+        }),
+        ("p99 ms before the crash, median", |rounds| {
+            shown_median(rounds.iter().map(|round| round.before.p99_ms))
+        }),
+        ("p99 ms crashed and registered, median", |rounds| {
+            shown_median(rounds.iter().map(|round| round.crashed.p99_ms))
+        }),
+    ];
+    for (figure, compute) in figures {
+        let _ = writeln!(
+            out,
+            "| {figure} | {} | {} |",
+            compute(&zklb),
+            compute(&native)
+        );
+    }
+    let _ = writeln!(out, "\nEvery round:\n");
     let _ = writeln!(
         out,
-        "| round | stretch | answers/s | p50 ms | p99 ms | failed | retries |"
+        "| round | variant | stretch | answers/s | p50 ms | p99 ms | failed | retries | per request |"
     );
-    let _ = writeln!(out, "|--:|---|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|--:|---|---|--:|--:|--:|--:|--:|--:|");
     for round in rounds {
-        let stretches = [
-            ("before", &round.before, None),
+        let ejected = round
+            .ejected_after
+            .map_or("never ejected".to_string(), |after| {
+                format!("ejected after {} ms", after.as_millis())
+            });
+        let mut stretches = vec![
+            ("before".to_string(), &round.before, None),
             (
-                "crashed, registered",
-                &round.crashed,
-                Some(round.crashed_retries),
-            ),
-            (
-                "deregistered",
-                &round.deregistered,
-                Some(round.deregistered_retries),
+                format!("crashed, until ejection ({ejected})"),
+                &round.until_ejection,
+                Some(round.retries_until_ejection),
             ),
         ];
+        if let Some((window, retries)) = &round.after_ejection {
+            stretches.push(("crashed, ejected".to_string(), window, Some(*retries)));
+        }
+        stretches.push((
+            "deregistered".to_string(),
+            &round.deregistered,
+            Some(round.deregistered_retries),
+        ));
         for (name, window, retries) in stretches {
             let _ = writeln!(
                 out,
-                "| {} | {name} | {:.0} | {:.2} | {:.2} | {} of {} | {} |",
+                "| {} | `{}` | {name} | {:.0} | {:.2} | {:.2} | {} of {} | {} | {} |",
                 round.round,
+                round.variant.name(),
                 window.per_second(),
                 window.p50_ms,
                 window.p99_ms,
                 window.failed,
                 window.ok + window.failed,
                 retries.map_or("–".to_string(), |retries| retries.to_string()),
+                retries.map_or("–".to_string(), |retries| ratio_of(std::iter::once((
+                    retries, window
+                )))),
             );
         }
     }
+}
+
+/// Retries per request over several stretches together.
+fn ratio_of<'a>(stretches: impl Iterator<Item = (u64, &'a Window)>) -> String {
+    let (retries, requests) = stretches.fold((0, 0), |(retries, requests), (more, window)| {
+        (retries + more, requests + window.ok + window.failed)
+    });
+    if requests == 0 {
+        "–".to_string()
+    } else {
+        format!("{:.3}", retries as f64 / requests as f64)
+    }
+}
+
+fn shown_median(values: impl Iterator<Item = f64>) -> String {
+    median(&values.collect::<Vec<_>>()).map_or("–".to_string(), |value| format!("{value:.2}"))
 }
 
 fn scale_section(out: &mut String, settings: &scale::Settings, sizes: &[scale::Size]) {
@@ -425,6 +647,104 @@ fn filter_scale_section(
             every.join(", "),
         );
     }
+}
+
+fn fan_out_section(out: &mut String, settings: &fan_out::Settings, results: &fan_out::Results) {
+    let _ = writeln!(out, "\n### Control-plane fan-out\n");
+    let _ = writeln!(
+        out,
+        "{} Curator instances ({} services of {}) registered before a control plane starts on them; then {} clients long-poll `/v1/changes?after=<version>` as the filter's poller does, and {} gRPC ADS streams follow it as Envoys do (every cluster, then the members of each, every response acknowledged). {} changes, one at a time, each a new instance in another service: from its create returning to the last subscriber of each kind receiving it. Resident memory of the control plane before the subscribers and with all of them connected, after the changes.\n",
+        results.instances,
+        settings.services,
+        settings.per_service,
+        settings.pollers,
+        settings.ads_streams,
+        settings.changes,
+    );
+    let shown = |value: Option<f64>| value.map_or("–".to_string(), |ms| format!("{ms:.1}"));
+    let _ = writeln!(out, "| subscribers | reached every one | p50 ms to the last | p99 ms to the last | every change, ms |");
+    let _ = writeln!(out, "|---|--:|--:|--:|---|");
+    type LastOne = fn(&fan_out::Change) -> Option<f64>;
+    let kinds: [(String, LastOne); 2] = [
+        (
+            format!("{} long-polls of `/v1/changes`", settings.pollers),
+            |change| change.last_poller_ms,
+        ),
+        (format!("{} ADS streams", settings.ads_streams), |change| {
+            change.last_ads_ms
+        }),
+    ];
+    for (kind, last) in &kinds {
+        let reached: Vec<f64> = results.changes.iter().filter_map(last).collect();
+        let every: Vec<String> = results
+            .changes
+            .iter()
+            .map(|change| last(change).map_or("never".to_string(), |ms| format!("{ms:.1}")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {kind} | {} of {} changes | {} | {} | {} |",
+            reached.len(),
+            results.changes.len(),
+            shown(percentile(&reached, 50.0)),
+            shown(percentile(&reached, 99.0)),
+            every.join(", "),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe ADS streams held every service's members {} after they opened. Control plane resident memory: {:.0} MiB before the subscribers, {:.0} MiB with them. Registering the instances took {:.0} ms.",
+        results
+            .ads_connect_ms
+            .map_or("never (not within the limit)".to_string(), |ms| format!("{ms:.0} ms")),
+        results.resident_idle_mib,
+        results.resident_connected_mib,
+        results.populate_ms,
+    );
+}
+
+fn list_update_section(
+    out: &mut String,
+    settings: &list_update::Settings,
+    results: &list_update::Results,
+) {
+    let _ = writeln!(out, "\n#### One change on a large registry\n");
+    let _ = writeln!(
+        out,
+        "{} instances ({} services of {}, and `echo`), a control plane and an Envoy (`--concurrency 1`) with the zklb filter, idle. {} samples with a change (a new instance in one service) alternate with as many without. Main thread: its CPU time over the second after the change's create returned (ADS, the poller's fetch and parse; {} of the changes were not through by then and are left out of its figures); worker: its CPU time for the next request, on which it takes up the new list. Thread CPU times from `/proc/<pid>/task/<tid>/schedstat`; medians; cost = with − without.\n",
+        results.instances,
+        settings.services,
+        settings.per_service,
+        settings.changes,
+        results.late_changes,
+    );
+    let shown = |values: &[f64]| median(values).map_or("–".to_string(), |us| format!("{us:.0}"));
+    let (main_cost, worker_cost) = results
+        .costs_us()
+        .map_or(("–".to_string(), "–".to_string()), |(main, worker)| {
+            (format!("{main:.0}"), format!("{worker:.0}"))
+        });
+    let _ = writeln!(
+        out,
+        "| thread | with a change, µs | without, µs | cost of the change, µs |"
+    );
+    let _ = writeln!(out, "|---|--:|--:|--:|");
+    let _ = writeln!(
+        out,
+        "| main (over 1 s) | {} | {} | {main_cost} |",
+        shown(&results.main_changed_us),
+        shown(&results.main_unchanged_us),
+    );
+    let _ = writeln!(
+        out,
+        "| worker (the next request) | {} | {} | {worker_cost} |",
+        shown(&results.worker_changed_us),
+        shown(&results.worker_unchanged_us),
+    );
+    let _ = writeln!(
+        out,
+        "\nThe per-pick cost in a service of 5,000 instances is in the data plane's table by policy and service size (Δ of `zklb_5000_instances`)."
+    );
 }
 
 #[cfg(test)]

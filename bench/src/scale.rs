@@ -10,10 +10,10 @@ use anyhow::Context as _;
 use zklb_tests::stack::ControlPlane;
 use zklb_wire::ServiceSet;
 
-use crate::procfs;
 use crate::registration;
 use crate::startup;
 use crate::stats::median;
+use zklb_tests::procfs;
 
 /// How long the control plane may take to list everything before the size counts as not served.
 const SERVE_LIMIT: Duration = Duration::from_secs(60);
@@ -41,7 +41,8 @@ pub struct Size {
     pub list_bytes: usize,
     /// Median time to fetch the whole list.
     pub list_fetch_ms: f64,
-    /// Create returned → a long-poll (`?after=<version>`) answered with the new list, per change.
+    /// Create returned → a long-poll of the changes (`/v1/changes?after=<version>`, as the filter
+    /// asks) answered with the new instance, per change.
     pub changes_ms: Vec<f64>,
     pub resident_mib: f64,
     /// The control plane's CPU time from its start until it served everything.
@@ -109,8 +110,9 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Size
         let mut changes_ms = Vec::new();
         for j in 0..settings.changes {
             let (set, _) = list(&http, &control_plane).await?;
+            // What the filter follows: only the services that moved.
             let url = format!(
-                "{}/v1/services?after={}&wait=20",
+                "{}/v1/changes?after={}&wait=20",
                 control_plane.url, set.version
             );
             let poll = {
@@ -174,7 +176,7 @@ impl Size {
 }
 
 /// The whole list and its size in bytes.
-async fn list(
+pub async fn list(
     http: &reqwest::Client,
     control_plane: &ControlPlane,
 ) -> anyhow::Result<(ServiceSet, usize)> {
@@ -192,7 +194,7 @@ async fn list(
 
 /// Waits until the list holds `instances` instances; its size in bytes, or `None` after
 /// [`SERVE_LIMIT`].
-async fn wait_for_all(
+pub async fn wait_for_all(
     http: &reqwest::Client,
     control_plane: &ControlPlane,
     instances: usize,

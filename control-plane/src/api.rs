@@ -1,5 +1,7 @@
-//! The HTTP API: service lists with versions and long-poll, liveness, readiness and metrics.
-//! (Envoy's membership is served over gRPC by [`crate::xds`], on the same listener.)
+//! The HTTP API: service lists with versions and long-poll, liveness, readiness, metrics, the
+//! operator's status page and the OpenAPI description of it all (`openapi.json`, kept true by
+//! tests that check real answers against it). Envoy's membership is served over gRPC by
+//! [`crate::xds`], on the same listener.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -17,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
-use zklb_wire::{ErrorBody, Freshness, ServiceChanges, Version};
+use zklb_wire::{ErrorBody, Freshness, Problems, ServiceChanges, Version};
 
+use crate::admin::{self, AdminToken, Resync};
 use crate::snapshot::{Channels, Health, Snapshot};
 use crate::xds::{TypeStats, XdsStats};
 
@@ -32,18 +36,64 @@ pub struct AppState {
     pub max_stale: Duration,
     /// Turns true when the server shuts down, releasing held polls.
     pub stopping: watch::Receiver<bool>,
+    /// Where `POST /v1/resync` asks the ingest task for a full read.
+    pub resync: Arc<Resync>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// Every route on one listener: what clients read and the operator's [`admin`] routes.
+pub fn router(state: AppState, token: AdminToken) -> Router {
+    with_fallback(data_routes(state.clone()).merge(admin::routes(state, token)))
+}
+
+/// What Envoy's filters and other clients read: the lists, health, readiness and the API's
+/// description. No fallback: the listener that serves them adds it.
+pub fn data_routes(state: AppState) -> Router {
     Router::new()
+        .route("/openapi.json", get(get_openapi))
         .route("/v1/services", get(list_services))
         .route("/v1/changes", get(list_changes))
         .route("/v1/services/{name}", get(get_service))
         .route("/healthz", get(get_health))
         .route("/readyz", get(get_readiness))
-        .route("/metrics", get(get_metrics))
-        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
+}
+
+/// `routes` answering a JSON 404 for everything else, a JSON 405 (with `Allow`) for a method a
+/// route does not take, and refusing requests too large to be the API's.
+pub fn with_fallback(routes: Router) -> Router {
+    routes
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        // axum adds the `Allow` header to what this answers.
+        .method_not_allowed_fallback(
+            |method: Method| async move { ApiError::MethodNotAllowed(method) },
+        )
+        .layer(middleware::from_fn(refuse_oversized))
+}
+
+/// The longest request target (path and query) answered: the API's are a few dozen bytes; a
+/// longer one is refused before anything parses it.
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+
+/// The largest request body announced: no endpoint reads one, so a body is only ever noise.
+pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+
+/// Refuses requests too large to be the API's (414, 413) with the JSON every error has.
+async fn refuse_oversized(request: Request, next: Next) -> Response {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        return ApiError::TargetTooLong(target).into_response();
+    }
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+    if let Some(length) = announced.filter(|&length| length > MAX_BODY_BYTES) {
+        return ApiError::BodyTooLarge(length).into_response();
+    }
+    next.run(request).await
 }
 
 /// Every error the API answers: JSON `{"error": reason}` with a 4xx status.
@@ -53,6 +103,12 @@ pub enum ApiError {
     BadRequest(String),
     /// ZooKeeper has not been read yet.
     NotReady,
+    /// A method the endpoint does not answer; the router adds `Allow`.
+    MethodNotAllowed(Method),
+    /// A request target longer than [`MAX_TARGET_BYTES`], by its length.
+    TargetTooLong(usize),
+    /// A request body announced longer than [`MAX_BODY_BYTES`], by its length.
+    BodyTooLarge(u64),
 }
 
 impl IntoResponse for ApiError {
@@ -63,6 +119,21 @@ impl IntoResponse for ApiError {
             ApiError::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the control plane has not read ZooKeeper yet".to_string(),
+            ),
+            ApiError::MethodNotAllowed(method) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed here: the API is read with GET"),
+            ),
+            ApiError::TargetTooLong(length) => (
+                StatusCode::URI_TOO_LONG,
+                format!("the request target is {length} bytes, more than {MAX_TARGET_BYTES}"),
+            ),
+            ApiError::BodyTooLarge(length) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is {length} bytes, more than {MAX_BODY_BYTES}: \
+                     no endpoint takes one"
+                ),
             ),
         };
         (status, Json(ErrorBody { error })).into_response()
@@ -132,11 +203,12 @@ async fn list_services(
 ) -> Result<Response, ApiError> {
     poll(&state, query, |snapshot, freshness, _| {
         Json(WholeList {
-            version: snapshot.services.version,
+            version: snapshot.version(),
             full: None,
             services: snapshot.services_json(),
             freshness,
-            conflicts: &snapshot.conflicts,
+            conflicts: &snapshot.publication.conflicts,
+            problems: &snapshot.publication.problems,
         })
         .into_response()
     })
@@ -156,11 +228,12 @@ async fn list_changes(
             })
             .into_response(),
             None => Json(WholeList {
-                version: snapshot.services.version,
+                version: snapshot.version(),
                 full: Some(true),
                 services: snapshot.services_json(),
                 freshness,
-                conflicts: &snapshot.conflicts,
+                conflicts: &snapshot.publication.conflicts,
+                problems: &snapshot.publication.problems,
             })
             .into_response(),
         }
@@ -180,6 +253,8 @@ struct WholeList<'a> {
     freshness: Freshness,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     conflicts: &'a BTreeMap<String, String>,
+    #[serde(flatten)]
+    problems: &'a Problems,
 }
 
 /// Answers with `respond` at once without `after`, or once the registry is newer than `after`
@@ -199,7 +274,7 @@ async fn poll(
     };
     let acknowledged = |snapshot: Arc<Snapshot>| async {
         if let Some(node) = &query.node {
-            let version = snapshot.services.version;
+            let version = snapshot.version();
             state.xds.acks.wait_for(node, version, ACK_WAIT).await;
         }
         snapshot
@@ -211,7 +286,7 @@ async fn poll(
     let wait = Duration::from_secs(query.wait.unwrap_or(state.max_hold.as_secs()));
     let newer = async {
         let snapshot = state
-            .snapshot_when(wait, |snapshot| snapshot.services.version > after)
+            .snapshot_when(wait, |snapshot| snapshot.version() > after)
             .await?;
         Some(acknowledged(snapshot).await)
     };
@@ -250,14 +325,31 @@ async fn get_service(
 ) -> Result<Response, ApiError> {
     let Path(name) = name.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let snapshot = state.synced_snapshot()?;
-    let service =
-        snapshot.services.services.get(&name).ok_or_else(|| {
-            ApiError::NotFound(format!("no service named {name:?} is registered"))
-        })?;
+    let service = snapshot
+        .services()
+        .get(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no service named {name:?} is registered")))?;
     Ok(with_freshness(
         &state.freshness(),
         Json(service).into_response(),
     ))
+}
+
+/// The operator's page: the registry, its freshness and its problems, as HTML.
+pub(crate) async fn get_status_page(State(state): State<AppState>) -> Response {
+    let page = crate::status::render(
+        &state.snapshot(),
+        &state.health(),
+        crate::status::now_millis(),
+    );
+    axum::response::Html(page).into_response()
+}
+
+/// The OpenAPI description of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn get_openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// Liveness: the process answers. The body says how the registry is doing.
@@ -272,8 +364,8 @@ async fn get_health(State(state): State<AppState>) -> Response {
     let body = json!({
         "status": status,
         "zookeeper": health.session(),
-        "version": snapshot.services.version,
-        "services": snapshot.services.services.len(),
+        "version": snapshot.version(),
+        "services": snapshot.services().len(),
         "stale_seconds": health.stale_seconds(),
         "problem": health.problem,
     });
@@ -310,16 +402,14 @@ async fn get_readiness(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn get_metrics(State(state): State<AppState>) -> Response {
+pub(crate) async fn get_metrics(State(state): State<AppState>) -> Response {
     let health = state.health();
     let snapshot = state.snapshot();
     let instances: usize = snapshot
-        .services
-        .services
+        .services()
         .values()
         .map(|s| s.instances.len())
         .sum();
-    let skipped = state.channels.stats.skipped_znodes.load(Ordering::Relaxed);
     let mut text = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: String| {
         text.push_str(&format!(
@@ -330,13 +420,13 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
         "zklb_registry_version",
         "gauge",
         "zxid of the last change in the published registry.",
-        snapshot.services.version.to_string(),
+        snapshot.version().to_string(),
     );
     metric(
         "zklb_services",
         "gauge",
         "Services in the published registry.",
-        snapshot.services.services.len().to_string(),
+        snapshot.services().len().to_string(),
     );
     metric(
         "zklb_instances",
@@ -357,15 +447,9 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
         health.stale_seconds().to_string(),
     );
     metric(
-        "zklb_malformed_znodes_total",
-        "counter",
-        "Instance znodes skipped because they could not be decoded (each version once).",
-        skipped.to_string(),
-    );
-    metric(
         "zklb_rejected_service_names_total",
         "counter",
-        "Children of the root skipped because they cannot name a service (each once per session).",
+        "Znodes skipped because their names cannot name a service (each once).",
         state
             .channels
             .stats
@@ -373,11 +457,30 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
             .load(Ordering::Relaxed)
             .to_string(),
     );
+    let problems = &snapshot.publication.problems;
+    metric(
+        "zklb_unreadable_znodes",
+        "gauge",
+        "Znodes that cannot be read (no permission, say); they are read again later.",
+        problems.unreadable.len().to_string(),
+    );
+    metric(
+        "zklb_unresolved_hostnames",
+        "gauge",
+        "Registered host names that do not resolve; their instances get no traffic.",
+        problems.unresolved.len().to_string(),
+    );
     metric(
         "zklb_service_conflicts",
         "gauge",
         "Services not routed because their names differ only in case from an older one's.",
-        snapshot.conflicts.len().to_string(),
+        snapshot.publication.conflicts.len().to_string(),
+    );
+    metric(
+        "zklb_resyncs_total",
+        "counter",
+        "Full reads of every registry root done on request (POST /v1/resync).",
+        state.resync.done.load(Ordering::Relaxed).to_string(),
     );
     metric(
         "zklb_ready",
@@ -415,6 +518,23 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
             per_type(|stats| stats.rejections.load(Ordering::Relaxed)),
         ),
     ];
+    let malformed: String = state
+        .channels
+        .stats
+        .malformed()
+        .iter()
+        .map(|((format, reason), count)| {
+            format!(
+                "{{format=\"{}\",reason=\"{reason}\"}} {count}\n",
+                format.name()
+            )
+        })
+        .collect();
+    let labelled = labelled.into_iter().chain([(
+        "zklb_malformed_znodes_total",
+        "Znodes skipped because they do not decode in their format, by format and reason (each version of a znode once).",
+        malformed,
+    )]);
     for (name, help, values) in labelled {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
         for line in values.lines() {
@@ -429,9 +549,10 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
-    use std::collections::BTreeMap;
     use tower::ServiceExt;
     use zklb_wire::{Instance, Service, ServiceSet, SourceFormat};
+
+    use crate::registry::Publication;
 
     use crate::snapshot::{channels, Health, Publishers};
 
@@ -444,8 +565,9 @@ mod tests {
             max_hold: Duration::from_secs(30),
             max_stale: Duration::from_secs(60),
             stopping,
+            resync: Arc::default(),
         };
-        (router(state), publishers, stop)
+        (router(state, AdminToken::default()), publishers, stop)
     }
 
     fn snapshot(version: Version, ports: &[u16]) -> Arc<Snapshot> {
@@ -457,11 +579,9 @@ mod tests {
             name: "echo".into(),
             version,
             instances,
+            ..Service::default()
         };
-        Arc::new(Snapshot::default().succeeded_by(ServiceSet {
-            version,
-            services: BTreeMap::from([("echo".to_string(), service)]),
-        }))
+        Arc::new(Snapshot::default().succeeded_by(Publication::of([service])))
     }
 
     async fn get(app: &Router, uri: &str) -> (StatusCode, serde_json::Value) {
@@ -551,6 +671,57 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_MODIFIED);
     }
 
+    /// Wrong methods and requests too large to be the API's get a JSON 4xx that says why.
+    #[tokio::test]
+    async fn wrong_methods_and_oversized_requests_are_refused_with_the_reason() {
+        let (app, publishers, _stop) = app();
+        publishers.snapshots.send_replace(snapshot(7, &[8001]));
+        let send = |request: Request<Body>| {
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.expect("infallible");
+                let status = response.status();
+                let allow = response.headers().get(header::ALLOW).cloned();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+                let body: serde_json::Value =
+                    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                (
+                    status,
+                    allow,
+                    body["error"].as_str().unwrap_or_default().to_string(),
+                )
+            }
+        };
+        for method in [Method::POST, Method::DELETE, Method::PUT, Method::OPTIONS] {
+            let request = Request::builder()
+                .method(method.clone())
+                .uri("/v1/services")
+                .body(Body::empty())
+                .expect("request");
+            let (status, allow, error) = send(request).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+            assert_eq!(allow.as_ref().map(|a| a.as_bytes()), Some(&b"GET,HEAD"[..]));
+            assert_eq!(
+                error,
+                format!("{method} is not allowed here: the API is read with GET")
+            );
+        }
+        let long = format!("/v1/services?after={}", "9".repeat(MAX_TARGET_BYTES));
+        let (status, _, error) =
+            send(Request::get(long).body(Body::empty()).expect("request")).await;
+        assert_eq!(status, StatusCode::URI_TOO_LONG);
+        assert!(error.contains("more than 8192"), "{error}");
+        let request = Request::get("/v1/services")
+            .header(header::CONTENT_LENGTH, "10000000")
+            .body(Body::empty())
+            .expect("request");
+        let (status, _, error) = send(request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(error.contains("10000000 bytes, more than 65536"), "{error}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_long_poll_is_held_until_the_next_version() {
         let (app, publishers, _stop) = app();
@@ -591,13 +762,17 @@ mod tests {
         let (publishers, channels) = channels();
         let (_stop, stopping) = watch::channel(false);
         let xds = Arc::new(XdsStats::default());
-        let app = router(AppState {
-            channels,
-            xds: Arc::clone(&xds),
-            max_hold: Duration::from_secs(30),
-            max_stale: Duration::from_secs(60),
-            stopping,
-        });
+        let app = router(
+            AppState {
+                channels,
+                xds: Arc::clone(&xds),
+                max_hold: Duration::from_secs(30),
+                max_stale: Duration::from_secs(60),
+                stopping,
+                resync: Arc::default(),
+            },
+            AdminToken::default(),
+        );
         publishers.snapshots.send_replace(snapshot(5, &[8001]));
         xds.acks.record("envoy-1", 0, 5);
         publishers
@@ -636,12 +811,20 @@ mod tests {
         publishers.health.send_modify(Health::read_now);
         let (_, body) = get(&app, "/v1/services").await;
         let list: zklb_wire::ServiceList = serde_json::from_value(body).expect("a ServiceList");
-        assert_eq!(list.set, current.services);
+        let published = ServiceSet {
+            version: current.version(),
+            services: current
+                .services()
+                .iter()
+                .map(|(name, service)| (name.clone(), Service::clone(service)))
+                .collect(),
+        };
+        assert_eq!(list.set, published);
         assert_eq!(list.freshness.session, "connected");
         let (_, body) = get(&app, "/v1/changes").await;
         let changes: ServiceChanges = serde_json::from_value(body).expect("a ServiceChanges");
         assert!(changes.full);
-        assert_eq!(changes.services, current.services.services);
+        assert_eq!(changes.services, published.services);
     }
 
     #[tokio::test(start_paused = true)]
@@ -657,13 +840,13 @@ mod tests {
         );
         assert!(body["services"]["echo"].is_object());
 
-        let mut services = snapshot(9, &[8001, 8002]).services.clone();
+        let mut services = snapshot(9, &[8001, 8002]).publication.clone();
         let other = Service {
             name: "other".into(),
             version: 3,
-            instances: vec![],
+            ..Service::default()
         };
-        services.services.insert("other".into(), other);
+        services.services.insert("other".into(), Arc::new(other));
         publishers
             .snapshots
             .send_replace(Arc::new(first.succeeded_by(services)));
@@ -798,5 +981,176 @@ mod tests {
         assert_eq!(body["session"], "disconnected");
         assert!(body["last_sync"].as_i64().is_some(), "{body}");
         assert_eq!(body["version"], 7);
+    }
+
+    /// The status of `uri`'s answer and its body, checked against `openapi.json`: the status is
+    /// one the document gives for `path`, and a JSON body fits the schema it gives for it.
+    async fn conforming(
+        app: &Router,
+        document: &serde_json::Value,
+        method: &str,
+        path: &str,
+        uri: &str,
+    ) -> u16 {
+        let request = Request::builder().method(method).uri(uri);
+        let response = app
+            .clone()
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 24)
+            .await
+            .expect("body");
+        let operation = &document["paths"][path][method.to_ascii_lowercase()];
+        let mut documented = &operation["responses"][status.as_str()];
+        if let Some(reference) = documented["$ref"].as_str() {
+            let name = reference.rsplit('/').next().unwrap_or_default();
+            documented = &document["components"]["responses"][name];
+        }
+        assert!(
+            documented.is_object(),
+            "{uri}: {status} is not documented for {path}"
+        );
+        let Some(content) = documented["content"].as_object() else {
+            assert!(bytes.is_empty(), "{uri}: {status} has an undocumented body");
+            return status.as_u16();
+        };
+        let media = content_type.split(';').next().unwrap_or_default().trim();
+        assert!(
+            content.contains_key(media),
+            "{uri}: {media} is not documented"
+        );
+        if media == "application/json" {
+            let body: serde_json::Value = serde_json::from_slice(&bytes).expect("a JSON body");
+            let mut schema = content[media]["schema"].clone();
+            schema["components"] = document["components"].clone();
+            let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+            let errors: Vec<String> = validator
+                .iter_errors(&body)
+                .map(|error| format!("{} at {}", error, error.instance_path()))
+                .collect();
+            assert!(errors.is_empty(), "{uri}: {errors:?} in {body}");
+        }
+        status.as_u16()
+    }
+
+    /// Every documented path answers what `openapi.json` says, in every state the answers vary
+    /// with: before ZooKeeper is read, with a registry holding every kind of instance and
+    /// problem, on bad requests, and when too stale to be ready.
+    #[tokio::test(start_paused = true)]
+    async fn every_answer_is_what_the_openapi_description_says() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json");
+        let (app, publishers, _stop) = app();
+        let mut asked = std::collections::BTreeSet::new();
+        let mut check = |path: &'static str, uri: &'static str| {
+            asked.insert(path);
+            let (app, document) = (app.clone(), document.clone());
+            async move { conforming(&app, &document, "GET", path, uri).await }
+        };
+        assert_eq!(check("/v1/services", "/v1/services").await, 503);
+        assert_eq!(check("/v1/changes", "/v1/changes").await, 503);
+        assert_eq!(check("/readyz", "/readyz").await, 503);
+
+        let mut named = Instance::new("a", "10.0.0.1", 8080, SourceFormat::Curator);
+        named.hostname = Some("a.internal".into());
+        named.zone = Some("eu-1a".into());
+        named.registered_at = Some(1_732_000_000_000);
+        named.metadata.insert("version".into(), "1.4.2".into());
+        let mut tls = Instance::new("b", "10.0.0.2", 8443, SourceFormat::Serverset)
+            .with_status(zklb_wire::Status::Draining);
+        tls.tls = true;
+        let gone = Service {
+            name: "gone".into(),
+            version: 4,
+            ..Service::default()
+        };
+        let first = Publication::of([
+            Service {
+                name: "echo".into(),
+                version: 5,
+                format: Some(SourceFormat::Curator),
+                znode: "/services/echo".into(),
+                instances: vec![named, tls],
+            },
+            gone,
+        ]);
+        let first = Arc::new(Snapshot::default().succeeded_by(first));
+        let mut second = first.publication.clone();
+        second.version = 7;
+        second.services.remove("gone");
+        second.services.insert(
+            "other".into(),
+            Arc::new(Service {
+                name: "other".into(),
+                version: 7,
+                ..Service::default()
+            }),
+        );
+        second
+            .conflicts
+            .insert("Other".into(), "differs only in case".into());
+        second
+            .problems
+            .malformed
+            .insert("/services/x/1".into(), "not valid JSON".into());
+        second
+            .problems
+            .unreadable
+            .insert("/services/y".into(), "not authorized".into());
+        second
+            .problems
+            .unresolved
+            .insert("z.invalid".into(), "not found".into());
+        publishers
+            .snapshots
+            .send_replace(Arc::new(first.succeeded_by(second)));
+        publishers.health.send_modify(Health::read_now);
+
+        for (path, uri, status) in [
+            ("/", "/", 200),
+            ("/openapi.json", "/openapi.json", 200),
+            ("/v1/services", "/v1/services", 200),
+            ("/v1/services", "/v1/services?after=5&wait=1", 200),
+            ("/v1/services", "/v1/services?after=7&wait=1", 304),
+            ("/v1/services", "/v1/services?after=soon", 400),
+            ("/v1/changes", "/v1/changes", 200),
+            ("/v1/changes", "/v1/changes?after=5&wait=1", 200),
+            ("/v1/changes", "/v1/changes?after=1&wait=1", 200),
+            ("/v1/changes", "/v1/changes?after=7&wait=1", 304),
+            ("/v1/changes", "/v1/changes?wait=-1", 400),
+            ("/v1/services/{name}", "/v1/services/echo", 200),
+            ("/v1/services/{name}", "/v1/services/gone", 404),
+            ("/v1/services/{name}", "/v1/services/%FF", 400),
+            ("/healthz", "/healthz", 200),
+            ("/readyz", "/readyz", 200),
+            ("/metrics", "/metrics", 200),
+        ] {
+            assert_eq!(check(path, uri).await, status, "{uri}");
+        }
+        publishers.health.send_modify(|health| {
+            health.lost();
+            health.stale_since = Some(std::time::SystemTime::now() - Duration::from_secs(600));
+        });
+        assert_eq!(check("/readyz", "/readyz").await, 503);
+        assert_eq!(check("/healthz", "/healthz").await, 200);
+        // The one state-changing request, without credentials: challenged.
+        asked.insert("/v1/resync");
+        let resync = conforming(&app, &document, "POST", "/v1/resync", "/v1/resync").await;
+        assert_eq!(resync, 401);
+
+        let documented: std::collections::BTreeSet<&str> = document["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(asked, documented, "every documented path is checked");
     }
 }

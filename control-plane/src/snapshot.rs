@@ -6,14 +6,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use tokio::sync::watch;
-use zklb_wire::{Freshness, ServiceChanges, ServiceSet, Version};
+use zklb_wire::{Freshness, Service, ServiceChanges, Version};
 
-use crate::registry::DecodeStats;
+use crate::registry::{DecodeStats, Publication};
 
-/// The registry as last read from ZooKeeper. Only the watcher writes one.
+/// The registry as last read from ZooKeeper. Only the ingest side writes one.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub services: ServiceSet,
+    pub publication: Publication,
     /// False only for the placeholder before ZooKeeper was first read: its empty list says
     /// nothing about the registry and must never reach Envoy or the filter, where it would
     /// remove every service.
@@ -24,8 +24,6 @@ pub struct Snapshot {
     /// The oldest version that changes can be counted from: this process's first registry, or
     /// later once old removals are forgotten. A client behind it gets the whole registry.
     pub horizon: Version,
-    /// Services left out because their names differ only in case from an older one's, with why.
-    pub conflicts: BTreeMap<String, String>,
     /// The JSON of every service, made once however many clients ask for the whole registry.
     services_json: OnceLock<Box<RawValue>>,
 }
@@ -35,27 +33,28 @@ pub struct Snapshot {
 const MAX_REMOVALS: usize = 10_000;
 
 impl Snapshot {
-    /// The snapshot that follows this one when the registry reads `services`.
-    pub fn succeeded_by(&self, services: ServiceSet) -> Snapshot {
-        self.succeeded_within(services, MAX_REMOVALS)
+    /// The snapshot that follows this one when the registry publishes `publication`.
+    pub fn succeeded_by(&self, publication: Publication) -> Snapshot {
+        self.succeeded_within(publication, MAX_REMOVALS)
     }
 
-    fn succeeded_within(&self, services: ServiceSet, max_removals: usize) -> Snapshot {
+    fn succeeded_within(&self, publication: Publication, max_removals: usize) -> Snapshot {
         if !self.synced {
             return Snapshot {
-                horizon: services.version,
-                services,
+                horizon: publication.version,
+                publication,
                 synced: true,
                 ..Snapshot::default()
             };
         }
+        let services = &publication.services;
         let mut removed = self.removed.clone();
-        for name in self.services.services.keys() {
-            if !services.services.contains_key(name) {
-                removed.insert(name.clone(), services.version);
+        for name in self.publication.services.keys() {
+            if !services.contains_key(name) {
+                removed.insert(name.clone(), publication.version);
             }
         }
-        removed.retain(|name, _| !services.services.contains_key(name));
+        removed.retain(|name, _| !services.contains_key(name));
         let mut horizon = self.horizon;
         while removed.len() > max_removals {
             let Some(oldest) = removed.values().min().copied() else {
@@ -65,23 +64,27 @@ impl Snapshot {
             horizon = horizon.max(oldest);
         }
         Snapshot {
-            services,
+            publication,
             synced: true,
             removed,
             horizon,
-            conflicts: BTreeMap::new(),
             services_json: OnceLock::new(),
         }
     }
 
-    pub fn with_conflicts(self, conflicts: BTreeMap<String, String>) -> Snapshot {
-        Snapshot { conflicts, ..self }
+    /// The registry version: the newest ZooKeeper change it reflects.
+    pub fn version(&self) -> Version {
+        self.publication.version
+    }
+
+    pub fn services(&self) -> &BTreeMap<String, Arc<Service>> {
+        &self.publication.services
     }
 
     /// Every service as JSON (the `services` of a list), serialized once per snapshot.
     pub fn services_json(&self) -> &RawValue {
         self.services_json.get_or_init(|| {
-            serde_json::value::to_raw_value(&self.services.services)
+            serde_json::value::to_raw_value(self.services())
                 .expect("a map of plain structs with string keys always serializes")
         })
     }
@@ -92,15 +95,14 @@ impl Snapshot {
         if after < self.horizon {
             return None;
         }
-        let set = &self.services;
         Some(ServiceChanges {
-            version: set.version,
+            version: self.version(),
             full: false,
-            services: set
-                .services
+            services: self
+                .services()
                 .iter()
                 .filter(|(_, service)| service.version > after)
-                .map(|(name, service)| (name.clone(), service.clone()))
+                .map(|(name, service)| (name.clone(), Service::clone(service)))
                 .collect(),
             removed: self
                 .removed
@@ -217,22 +219,25 @@ pub fn channels() -> (Publishers, Channels) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zklb_wire::Service;
 
-    fn set(services: &[(&str, Version)]) -> ServiceSet {
-        let services: BTreeMap<String, Service> = services
+    fn set(services: &[(&str, Version)]) -> Publication {
+        let services: BTreeMap<String, Arc<Service>> = services
             .iter()
             .map(|&(name, version)| {
                 let service = Service {
                     name: name.into(),
                     version,
-                    instances: vec![],
+                    ..Service::default()
                 };
-                (name.to_string(), service)
+                (name.to_string(), Arc::new(service))
             })
             .collect();
         let version = services.values().map(|s| s.version).max().unwrap_or(0);
-        ServiceSet { version, services }
+        Publication {
+            version,
+            services,
+            ..Publication::default()
+        }
     }
 
     fn names(changes: &ServiceChanges) -> Vec<&str> {
@@ -264,7 +269,12 @@ mod tests {
         assert!(first.changes_since(6).is_none());
         let whole: BTreeMap<String, Service> =
             serde_json::from_str(first.services_json().get()).expect("the services parse");
-        assert_eq!(whole, first.services.services);
+        let published: BTreeMap<String, Service> = first
+            .services()
+            .iter()
+            .map(|(name, service)| (name.clone(), Service::clone(service)))
+            .collect();
+        assert_eq!(whole, published);
     }
 
     #[test]

@@ -1,51 +1,45 @@
-//! A demo backend: answers every request with its own identity and, while it runs, is registered
-//! in ZooKeeper as an ephemeral Curator x-discovery instance.
+//! A demo backend: answers every request with its own identity. It only serves HTTP; zklb-agent
+//! registers it in ZooKeeper and checks its health endpoint, whose answer can be changed at run
+//! time to take it out of rotation and back.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
-use zookeeper_client::{Acls, Client, CreateMode};
 
 #[derive(Debug, Parser)]
 #[command(name = "zklb-demo-backend", about)]
 struct Args {
-    /// ZooKeeper connect string.
-    #[arg(long, env = "ZKLB_ZOOKEEPER", default_value = "127.0.0.1:2181")]
-    zookeeper: String,
-    /// Registry root; the instance registers under `<root>/<service>/<id>`.
-    #[arg(long, env = "ZKLB_ROOT", default_value = "/services")]
-    root: String,
+    /// The service it says it belongs to.
     #[arg(long)]
     service: String,
-    /// Instance id; defaults to `<service>-<port>`.
+    /// The identity it answers with.
     #[arg(long)]
-    id: Option<String>,
+    id: String,
     /// Address to listen on; port 0 picks a free one. The first line on stdout says which.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// HTTP status to answer with (503 makes a failing backend).
+    /// HTTP status to answer requests with (503 makes a failing backend).
     #[arg(long, default_value_t = 200)]
     status: u16,
-    /// On shutdown, how long to keep serving after deregistering, while load balancers catch up.
-    #[arg(long, default_value_t = 500)]
-    drain_ms: u64,
 }
 
 struct Backend {
     id: String,
     service: String,
     status: StatusCode,
+    /// What `GET /_demo/health` answers; `PUT /_demo/health` changes it.
+    health: AtomicU16,
     requests: AtomicU64,
     /// Requests that arrived carrying one of zklb's internal headers: always a bug.
     leaked_headers: AtomicU64,
@@ -65,95 +59,28 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let address = listener.local_addr()?;
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", args.service, address.port()));
-    println!("listening {address}");
-
-    let zookeeper = Client::connector()
-        .with_session_timeout(Duration::from_secs(10))
-        .connect(&args.zookeeper)
-        .await
-        .with_context(|| format!("cannot connect to ZooKeeper at {}", args.zookeeper))?;
-    let znode = register(&zookeeper, &args, &id, address).await?;
-    println!("registered {znode}");
-
+    println!("listening {}", listener.local_addr()?);
     let backend = Arc::new(Backend {
-        id,
-        service: args.service.clone(),
+        id: args.id,
+        service: args.service,
         status,
+        health: AtomicU16::new(StatusCode::OK.as_u16()),
         requests: AtomicU64::new(0),
         leaked_headers: AtomicU64::new(0),
     });
-    let app = Router::new()
-        .route("/_demo/stats", get(stats))
-        .fallback(answer)
-        .with_state(backend);
-    let drain = Duration::from_millis(args.drain_ms);
-    let deregistered = async move {
-        shutdown_signal().await;
-        // Deregister first, and keep serving while load balancers stop sending, so that stopping
-        // fails no request.
-        match zookeeper.delete(&znode, None).await {
-            Ok(()) => tracing::info!(znode, "deregistered"),
-            Err(error) => {
-                tracing::warn!(znode, %error, "cannot deregister; the session's end will")
-            }
-        }
-        tokio::time::sleep(drain).await;
-    };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(deregistered)
+    // In-flight requests finish on SIGTERM; the agent has drained the backend before.
+    axum::serve(listener, router(backend))
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
 }
 
-/// Creates `<root>/<service>/<id>` as an ephemeral Curator x-discovery instance.
-async fn register(
-    zookeeper: &Client,
-    args: &Args,
-    id: &str,
-    address: SocketAddr,
-) -> anyhow::Result<String> {
-    let directory = format!("{}/{}", args.root.trim_end_matches('/'), args.service);
-    zookeeper
-        .mkdir(
-            &directory,
-            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .with_context(|| format!("cannot create {directory}"))?;
-    let registered = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
-    let instance = json!({
-        "name": args.service,
-        "id": id,
-        "address": address.ip().to_string(),
-        "port": address.port(),
-        "sslPort": null,
-        "payload": null,
-        "registrationTimeUTC": registered,
-        "serviceType": "DYNAMIC",
-        "uriSpec": {"parts": [
-            {"value": "scheme", "variable": true},
-            {"value": "://", "variable": false},
-            {"value": "address", "variable": true},
-            {"value": ":", "variable": false},
-            {"value": "port", "variable": true}
-        ]},
-        "enabled": true
-    });
-    let znode = format!("{directory}/{id}");
-    zookeeper
-        .create(
-            &znode,
-            &serde_json::to_vec(&instance)?,
-            &CreateMode::Ephemeral.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .with_context(|| format!("cannot create {znode}"))?;
-    Ok(znode)
+fn router(backend: Arc<Backend>) -> Router {
+    Router::new()
+        .route("/_demo/stats", get(stats))
+        .route("/_demo/health", get(health).put(set_health))
+        .fallback(answer)
+        .with_state(backend)
 }
 
 async fn answer(State(backend): State<Arc<Backend>>, request: Request) -> impl IntoResponse {
@@ -184,11 +111,106 @@ async fn stats(State(backend): State<Arc<Backend>>) -> impl IntoResponse {
     }))
 }
 
+async fn health(State(backend): State<Arc<Backend>>) -> Response {
+    let status = backend.health.load(Ordering::Relaxed);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        Json(json!({"backend": backend.id, "status": status.as_u16()})),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct HealthChange {
+    status: u16,
+}
+
+/// `{"status": 503}` makes the health endpoint answer 503 from now on.
+async fn set_health(State(backend): State<Arc<Backend>>, body: axum::body::Bytes) -> Response {
+    let status = serde_json::from_slice::<HealthChange>(&body)
+        .ok()
+        .and_then(|change| StatusCode::from_u16(change.status).ok());
+    match status {
+        Some(status) => {
+            backend.health.store(status.as_u16(), Ordering::Relaxed);
+            Json(json!({"backend": backend.id, "status": status.as_u16()})).into_response()
+        }
+        None => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "expected {\"status\": <HTTP status>}"})),
+        )
+            .into_response(),
+    }
+}
+
 async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    fn backend() -> Arc<Backend> {
+        Arc::new(Backend {
+            id: "b1".to_string(),
+            service: "echo".to_string(),
+            status: StatusCode::OK,
+            health: AtomicU16::new(200),
+            requests: AtomicU64::new(0),
+            leaked_headers: AtomicU64::new(0),
+        })
+    }
+
+    async fn send(backend: &Arc<Backend>, request: axum::http::Request<Body>) -> StatusCode {
+        router(Arc::clone(backend))
+            .oneshot(request)
+            .await
+            .expect("response")
+            .status()
+    }
+
+    fn get(path: &str) -> axum::http::Request<Body> {
+        axum::http::Request::get(path)
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    fn put_health(body: &'static str) -> axum::http::Request<Body> {
+        axum::http::Request::put("/_demo/health")
+            .body(Body::from(body))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn the_health_endpoint_answers_what_it_was_told() {
+        let backend = backend();
+        assert_eq!(send(&backend, get("/_demo/health")).await, StatusCode::OK);
+        assert_eq!(
+            send(&backend, put_health(r#"{"status": 503}"#)).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            send(&backend, get("/_demo/health")).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Requests are still answered: only the health endpoint changed.
+        assert_eq!(send(&backend, get("/hello")).await, StatusCode::OK);
+        assert_eq!(
+            send(&backend, put_health(r#"{"status": "bad"}"#)).await,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            send(&backend, get("/_demo/health")).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::balancer::Policy;
@@ -27,6 +28,9 @@ pub struct PollerConfig {
     pub wait: Duration,
     /// How long to wait before polling again after a failed poll.
     pub retry_interval: Duration,
+    /// The largest list answer taken: a bigger one is refused unread, and the last good list
+    /// stays in use.
+    pub max_list_bytes: usize,
 }
 
 /// The HTTP filter that chooses the upstream candidates of every request.
@@ -61,13 +65,6 @@ impl RouterConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(tag = "role", rename_all = "snake_case")]
-enum RawConfig {
-    Poller(RawPoller),
-    Router(RawRouter),
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPoller {
     control_plane_cluster: String,
@@ -75,6 +72,8 @@ struct RawPoller {
     wait_seconds: u64,
     #[serde(default = "default_retry_interval_ms")]
     retry_interval_ms: u64,
+    #[serde(default = "default_max_list_bytes")]
+    max_list_bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +168,15 @@ fn default_retry_interval_ms() -> u64 {
     1_000
 }
 
+fn default_max_list_bytes() -> usize {
+    32 << 20
+}
+
+/// Bounds of `max_list_bytes`: below, not even a small registry's list fits; above, one answer
+/// would take a worker VM's memory.
+const MIN_LIST_BYTES: usize = 1 << 10;
+const MAX_LIST_BYTES: usize = 1 << 30;
+
 /// Most retries a route may ask for; the candidate header stays a few hundred bytes.
 const MAX_RETRIES: usize = 16;
 
@@ -186,13 +194,20 @@ impl std::error::Error for ConfigError {}
 
 impl PluginConfig {
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
-        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|error| {
+        let shape = |reason: String| {
             ConfigError(format!(
-                "expected JSON {{\"role\": \"poller\" | \"router\", ...}}: {error}"
+                "expected JSON {{\"role\": \"poller\" | \"router\", ...}}: {reason}"
             ))
-        })?;
-        match raw {
-            RawConfig::Poller(raw) => {
+        };
+        let mut value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|error| shape(error.to_string()))?;
+        let role = match value.as_object_mut().map(|fields| fields.remove("role")) {
+            Some(Some(serde_json::Value::String(role))) => role,
+            _ => return Err(shape("no \"role\" string".into())),
+        };
+        match role.as_str() {
+            "poller" => {
+                let raw: RawPoller = role_fields("poller", value)?;
                 if raw.control_plane_cluster.is_empty() {
                     return Err(ConfigError(
                         "poller: control_plane_cluster must not be empty".into(),
@@ -209,13 +224,22 @@ impl PluginConfig {
                         "poller: retry_interval_ms must be positive".into(),
                     ));
                 }
+                if !(MIN_LIST_BYTES..=MAX_LIST_BYTES).contains(&raw.max_list_bytes) {
+                    return Err(ConfigError(format!(
+                        "poller: max_list_bytes must be between {MIN_LIST_BYTES} and \
+                         {MAX_LIST_BYTES}, got {}",
+                        raw.max_list_bytes
+                    )));
+                }
                 Ok(PluginConfig::Poller(PollerConfig {
                     control_plane_cluster: raw.control_plane_cluster,
                     wait: Duration::from_secs(raw.wait_seconds),
                     retry_interval: Duration::from_millis(raw.retry_interval_ms),
+                    max_list_bytes: raw.max_list_bytes,
                 }))
             }
-            RawConfig::Router(raw) => {
+            "router" => {
+                let raw: RawRouter = role_fields("router", value)?;
                 if raw.retries > MAX_RETRIES {
                     return Err(ConfigError(format!(
                         "router: retries must be at most {MAX_RETRIES}, got {}",
@@ -248,8 +272,26 @@ impl PluginConfig {
                     warmup: Duration::from_secs(raw.warmup_seconds),
                 }))
             }
+            other => Err(shape(format!("unknown role {other:?}"))),
         }
     }
+}
+
+/// The configuration of a `role`, its fields checked one by one: a wrong one is named by its
+/// path (`ejection.base_ms`), which serde's own errors leave out.
+fn role_fields<T: DeserializeOwned>(
+    role: &str,
+    value: serde_json::Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let reason = error.into_inner();
+        if path == "." {
+            ConfigError(format!("{role}: {reason}"))
+        } else {
+            ConfigError(format!("{role}: {path}: {reason}"))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -313,6 +355,7 @@ mod tests {
                 control_plane_cluster: "cp".into(),
                 wait: Duration::from_secs(30),
                 retry_interval: Duration::from_secs(1),
+                max_list_bytes: 32 * 1024 * 1024,
             })
         );
     }
@@ -320,7 +363,8 @@ mod tests {
     #[test]
     fn bad_configs_are_rejected_with_the_reason() {
         assert!(rejection("").contains("expected JSON"));
-        assert!(rejection(r#"{"role": "balancer"}"#).contains("unknown variant"));
+        assert!(rejection(r#"{"role": "balancer"}"#).contains("unknown role \"balancer\""));
+        assert!(rejection(r#"{"retries": 2}"#).contains("no \"role\""));
         assert!(rejection(r#"{"role": "router"}"#).contains("missing field `retries`"));
         assert!(
             rejection(r#"{"role": "router", "retries": 2, "retrys": 3}"#)
@@ -355,5 +399,22 @@ mod tests {
             r#"{"role": "poller", "control_plane_cluster": "cp", "wait_seconds": 0}"#
         )
         .contains("between 1 and 300"));
+        assert!(rejection(
+            r#"{"role": "poller", "control_plane_cluster": "cp", "max_list_bytes": 0}"#
+        )
+        .contains("max_list_bytes must be between 1024 and 1073741824, got 0"));
+        let negative =
+            rejection(r#"{"role": "poller", "control_plane_cluster": "cp", "max_list_bytes": -1}"#);
+        assert!(
+            negative
+                .contains("poller: max_list_bytes: invalid value: integer `-1`, expected usize"),
+            "{negative}"
+        );
+        let nested =
+            rejection(r#"{"role": "router", "retries": 2, "ejection": {"base_ms": "soon"}}"#);
+        assert!(
+            nested.contains("router: ejection.base_ms: invalid type: string \"soon\""),
+            "{nested}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! Everything that decides lives in plain modules that are unit-tested natively; only `poller`
 //! and `router` talk to the proxy-wasm host.
 
+pub mod answer;
 pub mod balancer;
 pub mod config;
 pub mod ejection;
@@ -73,8 +74,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Root::Poller(poller) = self {
-            poller.on_tick();
+        match self {
+            Root::Poller(poller) => poller.on_tick(),
+            Root::Router(router) => router.on_tick(),
+            Root::Unconfigured => {}
         }
     }
 

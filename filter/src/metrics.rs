@@ -8,7 +8,9 @@
 //! - `zklb.ejections` and `zklb.ejected_hosts`: hosts ejected, and ejected now;
 //! - `zklb.inflight.<ip:port>`: requests in flight at a host, for `least_request` services;
 //! - `zklb.list_version` and `zklb.list_age_seconds`: the service list in use and how long ago
-//!   the control plane last read ZooKeeper for it.
+//!   the control plane last read ZooKeeper for it;
+//! - `zklb.poll_errors.<reason>`: list polls that left the last good list in place
+//!   (`unreachable`, `status`, `too_large`, `unparsable`, `not_stored`).
 
 use std::collections::HashMap;
 
@@ -18,17 +20,30 @@ use proxy_wasm::types::MetricType;
 use crate::balancer::Policy;
 
 /// Metric ids by name, defined on first use (names carry service names, which come and go).
+/// Counters are added up here and handed to Envoy by [`Metrics::flush`] (every worker tick):
+/// a request costs no host call for them.
 #[derive(Default)]
 pub struct Metrics {
     ids: HashMap<String, u32>,
     /// The picks counter of each service, by service name alone: no name is built per request.
     picks: HashMap<String, u32>,
+    /// Counts not handed to Envoy yet, by metric id.
+    pending: HashMap<u32, i64>,
 }
 
 impl Metrics {
     pub fn count(&mut self, name: &str, by: i64) {
         if let Some(id) = self.id(MetricType::Counter, name) {
-            let _ = hostcalls::increment_metric(id, by);
+            *self.pending.entry(id).or_default() += by;
+        }
+    }
+
+    /// Hands the counts added up since the last flush to Envoy.
+    pub fn flush(&mut self) {
+        for (id, by) in self.pending.drain() {
+            if by != 0 {
+                let _ = hostcalls::increment_metric(id, by);
+            }
         }
     }
 
@@ -46,11 +61,11 @@ impl Metrics {
             }
         };
         if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+            *self.pending.entry(id).or_default() += 1;
         }
     }
 
-    /// Adds `by` (which may be negative) to a gauge.
+    /// Adds `by` (which may be negative) to a gauge, at once: `least_request` reads it.
     pub fn add(&mut self, name: &str, by: i64) {
         if let Some(id) = self.id(MetricType::Gauge, name) {
             let _ = hostcalls::increment_metric(id, by);

@@ -1,6 +1,8 @@
 //! The whole per-request decision, free of host calls: which cluster, which candidates, or why
 //! the request is refused.
 
+use std::rc::Rc;
+
 use rand::Rng;
 
 use crate::balancer::{Policy, Preferences};
@@ -11,9 +13,9 @@ use crate::table::{Lookup, ServiceTable};
 /// Where a request goes: the headers the filter writes for the router and `override_host`.
 #[derive(Debug, PartialEq)]
 pub struct Plan {
-    pub service: String,
+    pub service: Rc<str>,
     pub policy: Policy,
-    pub cluster: String,
+    pub cluster: Rc<str>,
     /// `ip:port,ip:port,...`: attempt k goes to entry k.
     pub candidates: String,
 }
@@ -93,15 +95,18 @@ pub fn plan_request(
             kind: RefusalKind::NoInstances,
         });
     }
+    let mut candidates = String::with_capacity(chosen.len() * 22);
+    for (i, host) in chosen.iter().enumerate() {
+        if i > 0 {
+            candidates.push(',');
+        }
+        candidates.push_str(&host.address);
+    }
     Ok(Plan {
-        service: route.name.clone(),
+        service: Rc::clone(&route.name),
         policy,
-        cluster: route.cluster.clone(),
-        candidates: chosen
-            .iter()
-            .map(|host| host.address.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
+        cluster: Rc::clone(&route.cluster),
+        candidates,
     })
 }
 
@@ -138,6 +143,7 @@ mod tests {
             name: "echo".into(),
             version: 1,
             instances,
+            ..Service::default()
         };
         ServiceTable::from_service_set(&ServiceSet {
             version: 1,
@@ -157,7 +163,7 @@ mod tests {
             &mut rng,
         )
         .expect("routable");
-        assert_eq!(plan.cluster, zklb_wire::cluster_name("echo"));
+        assert_eq!(&*plan.cluster, zklb_wire::cluster_name("echo"));
         let hosts: Vec<&str> = plan.candidates.split(',').collect();
         assert_eq!(hosts.len(), 3);
         assert!(hosts.iter().all(|host| host.starts_with("127.0.0.1:800")));

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use proxy_wasm::hostcalls;
 use zklb_wire::{ServiceChanges, Version};
 
+use crate::answer::{self, PollError};
 use crate::config::PollerConfig;
 use crate::metrics::Metrics;
 use crate::shared::{service_key, Index, Publication, INDEX_KEY, VERSION_KEY};
@@ -30,6 +31,8 @@ pub struct Poller {
     /// has the clusters and members of the list, so requests never reach a cluster that Envoy
     /// does not have yet.
     node: Option<String>,
+    /// The reason of the failure the last poll ended in, if it failed: logged when it changes.
+    failing: Option<&'static str>,
 }
 
 impl Poller {
@@ -47,6 +50,7 @@ impl Poller {
             in_flight: false,
             next_attempt: None,
             node: node_id(),
+            failing: None,
         };
         poller.poll();
         poller
@@ -94,11 +98,44 @@ impl Poller {
     pub fn on_http_call_response(
         &mut self,
         _token: u32,
-        _headers: usize,
+        headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
         self.in_flight = false;
+        match self.take_answer(headers, body_size) {
+            Ok(()) => {
+                if let Some(reason) = self.failing.take() {
+                    log::info!(
+                        "zklb poller: taking the control plane's lists again (after {reason})"
+                    );
+                }
+                self.poll();
+            }
+            Err(error) => {
+                self.metrics
+                    .count(&format!("zklb.poll_errors.{}", error.reason()), 1);
+                // Once per change of reason: a control plane that keeps failing the same way
+                // every retry interval would flood the log.
+                if self.failing != Some(error.reason()) {
+                    log::warn!("zklb poller: keeping the last good service list: {error}");
+                    self.failing = Some(error.reason());
+                }
+                self.metrics.flush();
+                self.back_off();
+            }
+        }
+    }
+
+    /// Publishes what a poll's answer says changed (nothing for a 304), or says why it cannot
+    /// be taken; the last good list stays in shared data then.
+    fn take_answer(&mut self, headers: usize, body_size: usize) -> Result<(), PollError> {
+        // A reset, a refused connection, a local timeout or a body above Envoy's own buffer
+        // limit arrive without headers; asking for them then makes the SDK panic (the host
+        // answers BadArgument), which would crash the VM.
+        if headers == 0 {
+            return Err(PollError::Unreachable);
+        }
         // As bytes: the SDK's string getter panics on a value that is not UTF-8.
         let status = hostcalls::get_map_value_bytes(
             proxy_wasm::types::MapType::HttpCallResponseHeaders,
@@ -108,6 +145,7 @@ impl Poller {
         .flatten();
         match status.as_deref() {
             Some(b"200") => {
+                answer::check_size(body_size, self.config.max_list_bytes)?;
                 let body = hostcalls::get_buffer(
                     proxy_wasm::types::BufferType::HttpCallResponseBody,
                     0,
@@ -116,43 +154,26 @@ impl Poller {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-                if self.publish(&body) {
-                    self.poll();
-                } else {
-                    self.back_off();
-                }
+                let changes = answer::parse_changes(&body)?;
+                self.publish(&changes)
             }
             // Nothing changed during the hold.
-            Some(b"304") => self.poll(),
-            Some(other) => {
-                let other = String::from_utf8_lossy(other);
-                log::warn!("zklb poller: control plane answered {other}");
-                self.back_off();
-            }
-            // A reset, a refused connection or a local timeout arrive without headers.
-            None => {
-                log::warn!("zklb poller: control plane unreachable");
-                self.back_off();
-            }
+            Some(b"304") => Ok(()),
+            Some(other) => Err(PollError::Status(
+                String::from_utf8_lossy(other).into_owned(),
+            )),
+            None => Err(PollError::Unreachable),
         }
     }
 
-    /// Publishes what changed, if the answer parses; keeps the last good list otherwise.
-    fn publish(&mut self, body: &[u8]) -> bool {
-        let changes: ServiceChanges = match serde_json::from_slice(body) {
-            Ok(changes) => changes,
-            Err(error) => {
-                log::error!("zklb poller: ignoring a service list that does not parse: {error}");
-                return false;
-            }
-        };
-        let publication = self.index.apply(&changes);
+    /// Publishes what changed into shared data.
+    fn publish(&mut self, changes: &ServiceChanges) -> Result<(), PollError> {
+        let publication = self.index.apply(changes);
         if let Err(status) = store(&publication) {
-            log::error!("zklb poller: cannot store the service list: {status:?}");
             // What workers can read no longer matches the index: start over from a full list.
             self.index = Index::default();
             self.published = None;
-            return false;
+            return Err(PollError::NotStored(format!("{status:?}")));
         }
         if self.published != Some(changes.version) {
             log::info!(
@@ -169,7 +190,7 @@ impl Poller {
             "zklb.list_version",
             u64::try_from(changes.version).unwrap_or(0),
         );
-        true
+        Ok(())
     }
 
     fn back_off(&mut self) {

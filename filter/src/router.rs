@@ -195,9 +195,17 @@ fn now_ms() -> u64 {
         })
 }
 
+/// How often a worker takes up what other workers learnt of failing hosts, and flushes its
+/// counters into Envoy's stats: often enough that a host another worker ejected stops getting
+/// first attempts here within a fraction of a second, rarely enough to cost nothing per request.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl RouterRoot {
     pub fn start(config: RouterConfig) -> RouterRoot {
         let zone = config.zone.clone().or_else(node_zone);
+        if let Err(status) = hostcalls::set_tick_period(TICK) {
+            log::error!("zklb router: cannot set a tick: {status:?}");
+        }
         RouterRoot {
             zone: Rc::new(zone),
             config: Rc::new(config),
@@ -206,6 +214,13 @@ impl RouterRoot {
             metrics: Rc::new(RefCell::new(Metrics::default())),
             rng: Rc::new(RefCell::new(seeded_rng())),
         }
+    }
+
+    pub fn on_tick(&mut self) {
+        if self.config.ejection.is_some() {
+            self.ejections.borrow_mut().refresh();
+        }
+        self.metrics.borrow_mut().flush();
     }
 
     pub fn request_context(&self) -> Request {
@@ -244,7 +259,7 @@ pub struct Request {
     metrics: Rc<RefCell<Metrics>>,
     rng: Rc<RefCell<SmallRng>>,
     /// The service and candidates of this request, to learn from its outcome.
-    routed: Option<(String, String)>,
+    routed: Option<(Rc<str>, String)>,
     /// The in-flight gauge this request counts in, until it ends.
     in_flight: Option<String>,
 }
@@ -253,6 +268,10 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "crash-probe")]
+        if request_header("x-zklb-crash-probe").is_some() {
+            panic!("zklb: crashing on request, as the crash-probe build does");
+        }
         let authority = request_header(":authority").unwrap_or_default();
         let routes = &self.config.routes;
         let path = routes
@@ -261,9 +280,6 @@ impl HttpContext for Request {
             .flatten();
         let resolved = routes.resolve(&authority, path.as_deref(), request_header);
         self.table.borrow_mut().refresh();
-        if self.config.ejection.is_some() {
-            self.ejections.borrow_mut().refresh();
-        }
         let metrics = &self.metrics;
         let load = |address: &str| metrics.borrow_mut().gauge(&in_flight_metric(address));
         let ejections = self.ejections.borrow();
@@ -351,9 +367,7 @@ impl HttpContext for Request {
                 .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         };
         if let Some(policy) = &self.config.ejection {
-            // Envoy counts the attempts when the route asks it to (envoy.yaml does).
-            let attempts: Option<usize> =
-                response_header(ATTEMPT_COUNT_HEADER).and_then(|count| count.parse().ok());
+            let attempts = attempt_count();
             let status = response_header(":status")
                 .and_then(|status| status.parse().ok())
                 .unwrap_or(0);
@@ -386,8 +400,6 @@ impl HttpContext for Request {
             if let Some(upstream) = upstream() {
                 self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(&upstream));
             }
-        } else {
-            self.set_http_response_header(ATTEMPT_COUNT_HEADER, None);
         }
         Action::Continue
     }
@@ -419,6 +431,13 @@ fn header_value(map: MapType, name: &str) -> Option<String> {
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Envoy's count of a request's attempts, in its response (the route's
-/// `include_attempt_count_in_response`).
-const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";
+/// How many attempts Envoy made for this request (attempt k went to candidate k), from its
+/// `upstream.request_attempt_count` attribute: an unsigned 64-bit integer, in the host's byte
+/// order.
+fn attempt_count() -> Option<usize> {
+    let bytes = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
+        .ok()
+        .flatten()?;
+    let count = u64::from_le_bytes(bytes.as_slice().try_into().ok()?);
+    usize::try_from(count).ok()
+}

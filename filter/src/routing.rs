@@ -163,10 +163,11 @@ impl Rules {
         path: Option<&str>,
         header: impl Fn(&str) -> Option<String>,
     ) -> Option<Resolved> {
-        let host = strip_port(authority).to_ascii_lowercase();
+        let mut host = strip_port(authority).to_ascii_lowercase();
         for rule in &self.rules {
             let (named, path) = match &rule.matcher {
-                Matcher::AnyHost => (Some(host.clone()), None),
+                // This rule always matches and names the service: the host is not needed after.
+                Matcher::AnyHost => (Some(std::mem::take(&mut host)), None),
                 Matcher::HostSuffix(suffix) => match host.strip_suffix(suffix.as_str()) {
                     Some(label) if !label.is_empty() => (Some(label.to_string()), None),
                     _ => continue,

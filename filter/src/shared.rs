@@ -122,6 +122,7 @@ mod tests {
                     name: name.into(),
                     version,
                     instances: vec![],
+                    ..Service::default()
                 };
                 (name.to_string(), service)
             })

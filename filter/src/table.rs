@@ -2,6 +2,7 @@
 //! Kept up to date one service at a time, so that a change costs what it touches.
 
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use zklb_wire::Service;
 
@@ -18,9 +19,10 @@ pub struct ServiceTable {
 /// Where the requests of one service go.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceRoute {
-    pub name: String,
+    /// Shared with every request routed by it, so that none copies it.
+    pub name: Rc<str>,
     /// The Envoy cluster whose members are this service's instances.
-    pub cluster: String,
+    pub cluster: Rc<str>,
     /// Every routable instance.
     pub hosts: Hosts,
 }
@@ -43,8 +45,8 @@ impl ServiceTable {
             return;
         }
         let route = ServiceRoute {
-            name: service.name.clone(),
-            cluster: zklb_wire::cluster_name(&service.name),
+            name: Rc::from(service.name.as_str()),
+            cluster: Rc::from(zklb_wire::cluster_name(&service.name)),
             hosts: Hosts::new(
                 service
                     .routable_instances()
@@ -84,14 +86,21 @@ impl ServiceTable {
 
     /// The service named `service`, compared case-insensitively as host names are.
     pub fn lookup(&self, service: &str) -> Lookup<'_> {
-        let name = service.to_ascii_lowercase();
+        // Host names arrive in lower case already: no copy for them.
+        let lowered;
+        let name = if service.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = service.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            service
+        };
         match self
             .services
-            .get(&name)
+            .get(name)
             .and_then(|alike| alike.values().next())
         {
             Some(route) => Lookup::Found(route),
-            None => Lookup::Unknown(name),
+            None => Lookup::Unknown(name.to_string()),
         }
     }
 }
@@ -136,6 +145,7 @@ mod tests {
                     instance("127.0.0.1", 8002, Status::Down),
                     instance("backend.example", 8003, Status::Up),
                 ],
+                ..Service::default()
             },
         );
         ServiceTable::from_service_set(&ServiceSet {
@@ -151,8 +161,8 @@ mod tests {
             let Lookup::Found(route) = table.lookup(authority) else {
                 panic!("{authority} must map to echo");
             };
-            assert_eq!(route.name, "Echo");
-            assert_eq!(route.cluster, zklb_wire::cluster_name("Echo"));
+            assert_eq!(&*route.name, "Echo");
+            assert_eq!(&*route.cluster, zklb_wire::cluster_name("Echo"));
         }
         assert_eq!(table.lookup("other"), Lookup::Unknown("other".into()));
     }
@@ -163,6 +173,7 @@ mod tests {
             name: name.into(),
             version: 1,
             instances: vec![],
+            ..Service::default()
         };
         let set = ServiceSet {
             version: 1,
@@ -175,7 +186,7 @@ mod tests {
         let Lookup::Found(route) = table.lookup("ECHO") else {
             panic!("one of them must be found");
         };
-        assert_eq!(route.name, "Echo");
+        assert_eq!(&*route.name, "Echo");
     }
 
     #[test]
@@ -218,17 +229,18 @@ mod tests {
             name: "ECHO".into(),
             version: 1,
             instances: vec![instance("127.0.0.1", 9001, Status::Up)],
+            ..Service::default()
         };
         table.upsert(&other);
         let Lookup::Found(route) = table.lookup("echo") else {
             panic!("echo must exist");
         };
-        assert_eq!(route.name, "ECHO", "the first by exact name is reached");
+        assert_eq!(&*route.name, "ECHO", "the first by exact name is reached");
         table.remove("ECHO");
         let Lookup::Found(route) = table.lookup("echo") else {
             panic!("Echo must remain");
         };
-        assert_eq!(route.name, "Echo");
+        assert_eq!(&*route.name, "Echo");
         table.remove("Echo");
         assert_eq!(table.lookup("echo"), Lookup::Unknown("echo".into()));
     }

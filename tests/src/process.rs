@@ -8,10 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// TCP socket states as `/proc/net/tcp` writes them.
+const ESTABLISHED: &str = "01";
+const LISTEN: &str = "0A";
+
 pub struct Child {
     name: String,
     child: std::process::Child,
     log: PathBuf,
+    /// Where this process's own lines start in the log.
+    log_start: usize,
 }
 
 impl Child {
@@ -24,6 +30,9 @@ impl Child {
             .append(true)
             .open(&log)
             .unwrap_or_else(|error| panic!("opening {}: {error}", log.display()));
+        let log_start = file
+            .metadata()
+            .map_or(0, |metadata| metadata.len() as usize);
         let stderr = file.try_clone().expect("duplicating a log file handle");
         // A group of its own, so that killing it also kills whatever it started (scripts).
         let child = command
@@ -37,6 +46,7 @@ impl Child {
             name: name.to_string(),
             child,
             log,
+            log_start,
         }
     }
 
@@ -46,6 +56,21 @@ impl Child {
 
     /// The addresses that this process, or anything it started, listens on (TCP).
     pub fn listening(&self) -> Vec<SocketAddr> {
+        self.sockets(LISTEN)
+            .into_iter()
+            .map(|(local, _)| local)
+            .collect()
+    }
+
+    /// The peers of this process's established TCP connections (or those of anything it
+    /// started), with the local address of each: which server a client is talking to.
+    pub fn connections(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.sockets(ESTABLISHED)
+    }
+
+    /// The local and remote addresses of the TCP sockets in `state` (as `/proc/net/tcp` writes
+    /// it) that this process's group holds.
+    fn sockets(&self, state: &str) -> Vec<(SocketAddr, SocketAddr)> {
         let group = self.child.id().to_string();
         let mut sockets = HashSet::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -85,9 +110,13 @@ impl Child {
             })
             .filter_map(|line| {
                 let fields: Vec<&str> = line.split_whitespace().collect();
-                // local_address, state (0A: listening), inode.
-                let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
-                (*state == "0A" && sockets.contains(*inode)).then(|| parse_proc_address(local))?
+                // local_address, rem_address, st, ..., inode.
+                let (local, remote) = (fields.get(1)?, fields.get(2)?);
+                let (socket_state, inode) = (fields.get(3)?, fields.get(9)?);
+                if *socket_state != state || !sockets.contains(*inode) {
+                    return None;
+                }
+                Some((parse_proc_address(local)?, parse_proc_address(remote)?))
             })
             .collect()
     }
@@ -96,8 +125,24 @@ impl Child {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What this process wrote, without the lines of a predecessor that logged to the same file.
+    pub fn own_log(&self) -> String {
+        self.log()
+            .get(self.log_start..)
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `None` while it runs; once it has exited, its exit code (`None` if a signal ended it).
+    pub fn exit_code(&mut self) -> Option<Option<i32>> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.code()),
+            _ => None,
+        }
     }
 
     /// Sends a signal (`"STOP"`, `"CONT"`, ...) to the process alone.

@@ -31,12 +31,22 @@ fn built(path: PathBuf, how: &str) -> PathBuf {
     path
 }
 
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+/// Where zklb's binaries are taken from: `ZKLB_BINARIES` when set (the benchmarks point it at a
+/// release build), the debug build that `scripts/test` makes otherwise.
+pub fn binaries_directory() -> PathBuf {
+    std::env::var_os("ZKLB_BINARIES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target"))
+                .join("debug")
+        })
+}
+
+fn binary(name: &str) -> PathBuf {
     built(
-        target.join("debug").join(name),
+        binaries_directory().join(name),
         "run scripts/test, which builds it",
     )
 }
@@ -55,12 +65,27 @@ pub fn filter_wasm() -> PathBuf {
     )
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// Ports handed out for servers: below the kernel's ephemeral range (32768 and up by default),
+/// so that no outgoing connection takes one between the moment it is found free and the moment
+/// its server binds it.
+const SERVER_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A port that was free a moment ago on 127.0.0.1, picked at random in [`SERVER_PORTS`] so that
+/// tests running at once rarely pick the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1_000 {
+        // A random number without a dependency: every RandomState has fresh random keys.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let span = u64::from(SERVER_PORTS.end - SERVER_PORTS.start);
+        let port = SERVER_PORTS.start + u16::try_from(random % span).expect("within the span");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {SERVER_PORTS:?} on 127.0.0.1")
 }
 
 /// Runs `envoy --mode validate` on `config`: Envoy's reasons when it refuses it.
@@ -80,19 +105,61 @@ pub fn validate_envoy_config(config: &Path) -> Result<(), String> {
 /// Retries per request in the rendered configuration, as `scripts/stack` sets by default.
 pub const RETRIES: u32 = 2;
 
-/// Renders `envoy/envoy.yaml` the way `envsubst` does for the scripts.
+/// Renders `envoy/envoy.yaml` with `scripts/render-envoy-config`, as `scripts/stack` does: 127.0.0.1
+/// addresses and the filter of `target/`.
 pub fn render_envoy_config(listen_port: u16, admin_port: u16, control_plane_port: u16) -> String {
-    let template = std::fs::read_to_string(workspace_root().join("envoy/envoy.yaml"))
-        .expect("reading envoy/envoy.yaml");
-    template
-        .replace("${ZKLB_LISTEN_PORT}", &listen_port.to_string())
-        .replace("${ZKLB_ADMIN_PORT}", &admin_port.to_string())
-        .replace(
-            "${ZKLB_CONTROL_PLANE_PORT}",
-            &control_plane_port.to_string(),
-        )
-        .replace("${ZKLB_FILTER_WASM}", &filter_wasm().display().to_string())
-        .replace("${ZKLB_RETRIES}", &RETRIES.to_string())
+    let mut command = Command::new(workspace_root().join("scripts/render-envoy-config"));
+    command
+        .env("ZKLB_LISTEN_ADDRESS", "127.0.0.1")
+        .env("ZKLB_LISTEN_PORT", listen_port.to_string())
+        .env("ZKLB_ADMIN_PORT", admin_port.to_string())
+        .env("ZKLB_CONTROL_PLANE_HOST", "127.0.0.1")
+        .env("ZKLB_CONTROL_PLANE_PORT", control_plane_port.to_string())
+        .env("ZKLB_FILTER_WASM", filter_wasm())
+        .env("ZKLB_RETRIES", RETRIES.to_string());
+    rendered(command)
+}
+
+/// A rendering of `envoy/envoy.yaml` whose filter takes `options` (JSON members, such as
+/// `"policy": "weighted_random"`) besides the project's router configuration.
+pub fn with_router_options(config: &str, options: &str) -> String {
+    let router = format!(r#""role": "router", "retries": {RETRIES}"#);
+    assert!(
+        config.contains(&router),
+        "the template configures the router"
+    );
+    config.replace(&router, &format!("{router}, {options}"))
+}
+
+/// The poller's settings in the template: the control plane's cluster.
+pub const POLLER_SETTINGS: &str = r#""control_plane_cluster": "zklb_control_plane""#;
+
+/// `config` (a rendering of the template) with the poller's settings replaced by `settings`.
+pub fn with_poller_settings(config: &str, settings: &str) -> String {
+    assert!(
+        config.contains(POLLER_SETTINGS),
+        "the template configures the poller"
+    );
+    config.replace(POLLER_SETTINGS, settings)
+}
+
+/// The compose stack's rendering of `envoy/envoy.yaml` (`scripts/render-envoy-config --compose`).
+pub fn render_compose_envoy_config() -> String {
+    let mut command = Command::new(workspace_root().join("scripts/render-envoy-config"));
+    command.arg("--compose");
+    rendered(command)
+}
+
+fn rendered(mut command: Command) -> String {
+    let output = command
+        .output()
+        .expect("running scripts/render-envoy-config");
+    assert!(
+        output.status.success(),
+        "scripts/render-envoy-config failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("the rendered configuration is UTF-8")
 }
 
 pub struct ZooKeeper {
@@ -100,43 +167,75 @@ pub struct ZooKeeper {
     process: Child,
     config: PathBuf,
     dir: PathBuf,
+    /// What the server's command line is run through (`ip netns exec <name>`), if anything.
+    launcher: Vec<String>,
 }
 
 impl ZooKeeper {
     pub async fn start(dir: &Path) -> ZooKeeper {
+        Self::start_with(dir, "").await
+    }
+
+    /// A server whose `zoo.cfg` also holds `more` (lines of settings).
+    pub async fn start_with(dir: &Path, more: &str) -> ZooKeeper {
+        Self::start_through(dir, more, &[], "127.0.0.1").await
+    }
+
+    /// A server whose command line is run through `launcher` (such as `ip netns exec <name>`)
+    /// and that clients reach at `host`; `more` overrides where it listens, if need be.
+    pub async fn start_through(
+        dir: &Path,
+        more: &str,
+        launcher: &[String],
+        host: &str,
+    ) -> ZooKeeper {
         let port = free_port();
         let data = dir.join("zookeeper-data");
         let config = dir.join("zoo.cfg");
         std::fs::write(
             &config,
             format!(
-                "tickTime=500\ndataDir={}\nclientPortAddress=127.0.0.1\nclientPort={port}\nadmin.enableServer=false\n",
+                "tickTime=500\ndataDir={}\nclientPortAddress=127.0.0.1\nclientPort={port}\nadmin.enableServer=false\n{more}",
                 data.display()
             ),
         )
         .expect("writing zoo.cfg");
         let zookeeper = ZooKeeper {
-            connect: format!("127.0.0.1:{port}"),
-            process: Self::spawn(&config, dir),
+            connect: format!("{host}:{port}"),
+            process: Self::spawn(&config, dir, launcher),
             config,
             dir: dir.to_path_buf(),
+            launcher: launcher.to_vec(),
         };
         zookeeper.wait_until_serving().await;
         zookeeper
     }
 
-    fn spawn(config: &Path, dir: &Path) -> Child {
-        let mut command = Command::new("/usr/share/zookeeper/bin/zkServer.sh");
+    /// Debian's server, started as its `zkServer.sh` does, with two differences: no JMX (which
+    /// the script opens on a random port of every interface unless told not to), and Netty's
+    /// codec on the class path, which the TLS (Netty) connection factory needs and the package's
+    /// jar manifest leaves out.
+    fn spawn(config: &Path, dir: &Path, launcher: &[String]) -> Child {
+        let classpath = [
+            "/etc/zookeeper/conf",
+            "/usr/share/java/zookeeper.jar",
+            "/usr/share/java/netty-codec.jar",
+        ]
+        .join(":");
+        let mut command = match launcher.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg("java");
+                command
+            }
+            None => Command::new("java"),
+        };
         command
-            .arg("start-foreground")
-            .arg(config)
-            .env("ZOO_LOG_DIR", dir)
-            // zkServer.sh opens JMX on a random port of every interface unless told not to.
-            .env("JMXDISABLE", "true")
-            .env(
-                "JVMFLAGS",
-                "-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
-            );
+            .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
+            .arg(format!("-Dzookeeper.log.dir={}", dir.display()))
+            .args(["-cp", &classpath])
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(config);
         Child::spawn("zookeeper", command, dir)
     }
 
@@ -152,6 +251,16 @@ impl ZooKeeper {
         self.process.listening()
     }
 
+    /// Freezes the server (SIGSTOP), as a long pause of its JVM or host would: connections stay
+    /// open, nothing is answered, and sessions expire once it runs again.
+    pub fn freeze(&self) {
+        self.process.freeze();
+    }
+
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
+    }
+
     /// Kills the server, as a crash would: clients see their connections drop.
     pub fn crash(&mut self) {
         self.process.kill();
@@ -159,7 +268,7 @@ impl ZooKeeper {
 
     /// Starts the server again on the same port and data, so sessions can resume.
     pub async fn restart(&mut self) {
-        self.process = Self::spawn(&self.config, &self.dir);
+        self.process = Self::spawn(&self.config, &self.dir, &self.launcher);
         self.wait_until_serving().await;
     }
 
@@ -186,23 +295,52 @@ pub struct ControlPlane {
     pub port: u16,
     pub url: String,
     process: Child,
+    /// Its arguments beyond where it listens and reaches ZooKeeper.
+    arguments: Vec<String>,
 }
 
 impl ControlPlane {
-    /// A control plane that has read the registry at `root`, which is created first if it is
-    /// missing, as an operator sets up a registry: a control plane does not serve a registry
-    /// whose root does not exist.
+    /// A control plane that has read the registry at `root` (in `auto`), which is created first
+    /// if it is missing, as an operator sets up a registry: a control plane does not serve a
+    /// registry whose root does not exist.
     pub async fn start(zookeeper: &ZooKeeper, root: &str, dir: &Path) -> ControlPlane {
-        zookeeper
-            .client()
-            .await
-            .mkdir(
-                root,
-                &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
-            )
-            .await
-            .unwrap_or_else(|error| panic!("creating the registry root {root}: {error}"));
-        let control_plane = Self::launch(zookeeper, root, dir).await;
+        Self::start_reading(zookeeper, &[&format!("{root}=auto")], dir).await
+    }
+
+    /// A control plane that has read `registries` (`--registry` values, `<root>=<format>`),
+    /// whose roots are created first if they are missing.
+    pub async fn start_reading(
+        zookeeper: &ZooKeeper,
+        registries: &[&str],
+        dir: &Path,
+    ) -> ControlPlane {
+        Self::start_with(zookeeper, registries, &[], dir).await
+    }
+
+    /// [`ControlPlane::start_reading`] with more command-line arguments.
+    pub async fn start_with(
+        zookeeper: &ZooKeeper,
+        registries: &[&str],
+        arguments: &[&str],
+        dir: &Path,
+    ) -> ControlPlane {
+        let client = zookeeper.client().await;
+        for registry in registries {
+            let root = registry.split_once('=').map_or(*registry, |(root, _)| root);
+            client
+                .mkdir(
+                    root,
+                    &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+                )
+                .await
+                .unwrap_or_else(|error| panic!("creating the registry root {root}: {error}"));
+        }
+        let mut arguments: Vec<String> = arguments.iter().map(|a| a.to_string()).collect();
+        for registry in registries {
+            arguments.extend(["--registry".to_string(), registry.to_string()]);
+        }
+        let control_plane =
+            Self::launch_with(free_port(), &zookeeper.connect, arguments, dir).await;
         control_plane.wait_until_serving().await;
         control_plane
     }
@@ -215,11 +353,35 @@ impl ControlPlane {
     /// A control plane on `port` that reaches ZooKeeper at `connect` (a relay, say), and
     /// answers HTTP whether or not it could read the registry.
     pub async fn launch_at(port: u16, connect: &str, root: &str, dir: &Path) -> ControlPlane {
+        Self::launch_reading(port, connect, &[&format!("{root}=auto")], dir).await
+    }
+
+    /// [`ControlPlane::launch_at`] reading `registries` (`--registry` values).
+    pub async fn launch_reading(
+        port: u16,
+        connect: &str,
+        registries: &[&str],
+        dir: &Path,
+    ) -> ControlPlane {
+        let arguments = registries
+            .iter()
+            .flat_map(|registry| ["--registry".to_string(), registry.to_string()])
+            .collect();
+        Self::launch_with(port, connect, arguments, dir).await
+    }
+
+    async fn launch_with(
+        port: u16,
+        connect: &str,
+        arguments: Vec<String>,
+        dir: &Path,
+    ) -> ControlPlane {
         std::fs::create_dir_all(dir).expect("creating the log directory");
         let control_plane = ControlPlane {
             port,
             url: format!("http://127.0.0.1:{port}"),
-            process: Self::spawn(port, connect, root, dir),
+            process: Self::spawn(port, connect, &arguments, dir),
+            arguments,
         };
         control_plane.wait_until_answering().await;
         control_plane
@@ -232,12 +394,12 @@ impl ControlPlane {
         .await;
     }
 
-    fn spawn(port: u16, connect: &str, root: &str, dir: &Path) -> Child {
+    fn spawn(port: u16, connect: &str, arguments: &[String], dir: &Path) -> Child {
         let mut command = Command::new(binary("zklb-control-plane"));
         command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--zookeeper", connect])
-            .args(["--root", root])
+            .args(arguments)
             .args([
                 "--session-timeout-ms",
                 &SESSION_TIMEOUT.as_millis().to_string(),
@@ -287,35 +449,35 @@ impl ControlPlane {
 
     /// Starts a new control plane process on the same port, as a supervisor would, and waits
     /// until it answers HTTP (whether or not it could read ZooKeeper yet).
-    pub async fn restart(&mut self, zookeeper: &ZooKeeper, root: &str, dir: &Path) {
-        self.process = Self::spawn(self.port, &zookeeper.connect, root, dir);
+    pub async fn restart(&mut self, zookeeper: &ZooKeeper, dir: &Path) {
+        self.process = Self::spawn(self.port, &zookeeper.connect, &self.arguments, dir);
         self.wait_until_answering().await;
     }
 
     /// `GET {path}` as JSON, whatever its status code.
     pub async fn get(&self, path: &str) -> Result<Value, String> {
-        reqwest::get(format!("{}{path}", self.url))
-            .await
-            .map_err(|error| error.to_string())?
-            .json()
-            .await
-            .map_err(|error| error.to_string())
+        get_json(&format!("{}{path}", self.url)).await
     }
 
     /// The value of one line of `/metrics` (`name` with its labels, as printed), 0 if absent.
     pub async fn metric(&self, name: &str) -> f64 {
-        let url = format!("{}/metrics", self.url);
-        let text = reqwest::get(&url)
+        scrape(&format!("{}/metrics", self.url), name).await
+    }
+
+    /// The sum of every series of a metric family (`name` with any labels), 0 if absent.
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        prometheus_text(&format!("{}/metrics", self.url))
             .await
-            .and_then(|response| response.error_for_status())
-            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
-            .text()
-            .await
-            .unwrap_or_else(|error| panic!("GET {url}: {error}"));
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0.0)
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum()
     }
 
     /// Waits until an Envoy streams its membership (ADS) from this control plane.
@@ -361,6 +523,11 @@ impl ControlPlane {
     pub fn listening(&self) -> Vec<std::net::SocketAddr> {
         self.process.listening()
     }
+
+    /// Its established TCP connections, `(local, remote)`: which ZooKeeper server it talks to.
+    pub fn connections(&self) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+        self.process.connections()
+    }
 }
 
 pub struct Envoy {
@@ -398,12 +565,7 @@ impl Envoy {
         let listen_port = free_port();
         let admin_port = free_port();
         let config = render_envoy_config(listen_port, admin_port, control_plane.port);
-        let router = r#""role": "router", "retries": 2"#;
-        assert!(
-            config.contains(router),
-            "the template configures the router"
-        );
-        let config = config.replace(router, &format!("{router}, {options}"));
+        let config = with_router_options(&config, options);
         Self::start_rendered(config, listen_port, admin_port, 2, dir).await
     }
     /// Envoy with the filter whose control-plane cluster has a member for each of `ports` (the
@@ -426,14 +588,9 @@ impl Envoy {
         for &port in ports[1..].iter().rev() {
             config.insert_str(at + member(ports[0]).len(), &member(port));
         }
-        let poller = r#""control_plane_cluster": "zklb_control_plane""#;
-        assert!(
-            config.contains(poller),
-            "the template configures the poller"
-        );
-        let config = config.replace(
-            poller,
-            &format!(r#"{poller}, "wait_seconds": {poll_wait_seconds}"#),
+        let config = with_poller_settings(
+            &config,
+            &format!(r#"{POLLER_SETTINGS}, "wait_seconds": {poll_wait_seconds}"#),
         );
         Self::start_rendered(config, listen_port, admin_port, 2, dir).await
     }
@@ -535,6 +692,19 @@ impl Envoy {
         stats["stats"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits until one of Envoy's counters reaches `at_least` (the filter hands its counts to
+    /// Envoy on every worker tick, a tenth of a second), and returns its value.
+    pub async fn stat_reaches(&self, name: &str, at_least: u64) -> u64 {
+        let what = format!("{name} reaches {at_least}");
+        eventually(Duration::from_secs(10), &what, || async {
+            let value = self.stat(name).await;
+            (value >= at_least)
+                .then_some(value)
+                .ok_or(format!("{value}"))
+        })
+        .await
+    }
+
     /// The value of one of Envoy's counters or gauges (0 if Envoy has not created it).
     pub async fn stat(&self, name: &str) -> u64 {
         let pattern = format!("^{}$", name.replace('.', "\\."));
@@ -551,16 +721,164 @@ impl Envoy {
     }
 }
 
-/// A demo backend process, registered in ZooKeeper while it runs.
-pub struct Backend {
-    pub id: String,
-    pub port: u16,
+/// How long an agent started by the harness keeps its instance out of rotation on SIGTERM before
+/// it deregisters it (`--grace-ms`): the filter follows within milliseconds.
+pub const AGENT_GRACE: Duration = Duration::from_millis(500);
+
+/// The address a process printed on its first `listening <address>` line, once it has (a
+/// process restarted under the same name logs after its predecessor's lines).
+fn printed_address(process: &Child) -> Result<std::net::SocketAddr, String> {
+    let log = process.own_log();
+    let address = log
+        .lines()
+        .find_map(|line| line.strip_prefix("listening "))
+        .ok_or("not listening yet")?;
+    address
+        .parse()
+        .map_err(|error| format!("bad address {address:?}: {error}"))
+}
+
+/// `GET url` as JSON, whatever its status code.
+async fn get_json(url: &str) -> Result<Value, String> {
+    reqwest::get(url)
+        .await
+        .map_err(|error| error.to_string())?
+        .json()
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// The value of one line of the Prometheus text at `url` (`name` with its labels, as printed),
+/// 0 if absent.
+pub async fn scrape(url: &str, name: &str) -> f64 {
+    prometheus_text(url)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn prometheus_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .and_then(|response| response.error_for_status())
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+        .text()
+        .await
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+}
+
+/// A zklb-agent process registering one instance.
+pub struct Agent {
+    /// Its `/metrics` and `/healthz`.
+    pub url: String,
     pub znode: String,
     process: Child,
 }
 
+impl Agent {
+    /// An agent registering `<root>/<service>/<id>` at 127.0.0.1:`port`, with `options` (more
+    /// flags, such as a health check), once it reports the instance registered.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        zookeeper: &ZooKeeper,
+        root: &str,
+        service: &str,
+        id: &str,
+        port: u16,
+        options: &[&str],
+        dir: &Path,
+    ) -> Agent {
+        let mut command = Command::new(binary("zklb-agent"));
+        command
+            .args(["--zookeeper", &zookeeper.connect])
+            .args(["--root", root])
+            .args(["--service", service])
+            .args(["--id", id])
+            .args(["--address", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .args(["--grace-ms", &AGENT_GRACE.as_millis().to_string()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(options)
+            .env("RUST_LOG", "info");
+        let process = Child::spawn(&format!("agent-{id}"), command, dir);
+        let address = eventually(START_TIMEOUT, &format!("agent {id} listens"), || async {
+            printed_address(&process)
+        })
+        .await;
+        let agent = Agent {
+            url: format!("http://{address}"),
+            znode: format!("{root}/{service}/{id}"),
+            process,
+        };
+        eventually(
+            START_TIMEOUT,
+            &format!("agent {id} registers the instance"),
+            || async {
+                let health = agent.health().await?;
+                if health["instances"][0]["registered"] == true {
+                    Ok(())
+                } else {
+                    Err(health.to_string())
+                }
+            },
+        )
+        .await;
+        agent
+    }
+
+    /// `GET /healthz`: what the agent says it does.
+    pub async fn health(&self) -> Result<Value, String> {
+        get_json(&format!("{}/healthz", self.url)).await
+    }
+
+    /// The value of one line of `/metrics` (`name` with its labels, as printed), 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        scrape(&format!("{}/metrics", self.url), name).await
+    }
+
+    /// Sends SIGTERM without waiting: the agent drains, deregisters and exits.
+    pub fn terminate(&self) {
+        self.process.signal("TERM");
+    }
+
+    /// Waits until the process has exited, and returns its exit code.
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(code) = self.process.exit_code() {
+                return code;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn listening(&self) -> Vec<std::net::SocketAddr> {
+        self.process.listening()
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// A demo backend process and the zklb-agent that registers it in ZooKeeper.
+pub struct Backend {
+    pub id: String,
+    pub port: u16,
+    pub znode: String,
+    pub agent: Agent,
+    process: Child,
+}
+
 impl Backend {
-    /// A backend answering `status`, on `port` (0: any free one).
+    /// A backend answering `status`, on `port` (0: any free one), registered by an agent that
+    /// does not check it.
     pub async fn start(
         zookeeper: &ZooKeeper,
         root: &str,
@@ -570,42 +888,47 @@ impl Backend {
         port: u16,
         dir: &Path,
     ) -> Backend {
+        Self::start_with_agent(zookeeper, root, service, id, status, port, &[], dir).await
+    }
+
+    /// A backend whose agent takes `agent_options` (a health check, weight, zone...).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_with_agent(
+        zookeeper: &ZooKeeper,
+        root: &str,
+        service: &str,
+        id: &str,
+        status: u16,
+        port: u16,
+        agent_options: &[&str],
+        dir: &Path,
+    ) -> Backend {
         let mut command = Command::new(binary("zklb-demo-backend"));
         command
-            .args(["--zookeeper", &zookeeper.connect])
-            .args(["--root", root])
             .args(["--service", service])
             .args(["--id", id])
             .args(["--status", &status.to_string()])
             .args(["--listen", &format!("127.0.0.1:{port}")]);
         let process = Child::spawn(&format!("backend-{id}"), command, dir);
-        let (port, znode) = eventually(
-            START_TIMEOUT,
-            &format!("backend {id} registers"),
-            || async {
-                let log = process.log();
-                let field = |prefix: &str| {
-                    log.lines()
-                        .find_map(|line| line.strip_prefix(prefix))
-                        .map(str::to_string)
-                };
-                match (field("listening "), field("registered ")) {
-                    (Some(address), Some(znode)) => {
-                        let port = address
-                            .rsplit_once(':')
-                            .and_then(|(_, port)| port.parse::<u16>().ok())
-                            .ok_or_else(|| format!("bad address {address:?}"))?;
-                        Ok((port, znode))
-                    }
-                    _ => Err("not registered yet".to_string()),
-                }
-            },
+        let address = eventually(START_TIMEOUT, &format!("backend {id} listens"), || async {
+            printed_address(&process)
+        })
+        .await;
+        let agent = Agent::start(
+            zookeeper,
+            root,
+            service,
+            id,
+            address.port(),
+            agent_options,
+            dir,
         )
         .await;
         Backend {
             id: id.to_string(),
-            port,
-            znode,
+            port: address.port(),
+            znode: agent.znode.clone(),
+            agent,
             process,
         }
     }
@@ -627,19 +950,43 @@ impl Backend {
         )
     }
 
-    /// Stops the process the way an operator does (SIGTERM): it deregisters and exits.
+    /// Makes the backend's health endpoint (`/_demo/health`) answer `status`.
+    pub async fn set_health(&self, status: u16) {
+        let url = format!("http://127.0.0.1:{}/_demo/health", self.port);
+        reqwest::Client::new()
+            .put(&url)
+            .body(format!(r#"{{"status": {status}}}"#))
+            .send()
+            .await
+            .and_then(|response| response.error_for_status())
+            .unwrap_or_else(|error| panic!("PUT {url}: {error}"));
+    }
+
+    /// Stops it the way an operator does: SIGTERM to the agent, which takes the instance out of
+    /// rotation, deregisters it after its grace period and exits; then SIGTERM to the backend.
     pub fn stop(&mut self) {
+        self.agent.process.terminate(STOP_GRACE);
         self.process.terminate(STOP_GRACE);
+    }
+
+    /// Kills the agent (SIGKILL), as a crash would: the backend keeps serving and its znode
+    /// stays until the agent's session expires.
+    pub fn kill_agent(&mut self) {
+        self.agent.process.kill();
     }
 
     pub fn listening(&self) -> Vec<std::net::SocketAddr> {
         self.process.listening()
     }
 
-    /// Freezes the process (SIGSTOP): it stays registered and accepts connections, but answers
-    /// nothing, as a hung process does.
+    /// Freezes the backend process (SIGSTOP): it stays registered and accepts connections, but
+    /// answers nothing, as a hung process does.
     pub fn freeze(&self) {
         self.process.freeze();
+    }
+
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
     }
 }
 
@@ -719,13 +1066,22 @@ impl Stack {
     /// A stack whose filter takes `options` besides the project's router configuration (see
     /// [`Envoy::start_with_router_options`]); none if empty.
     pub async fn start_with_router_options(options: &str) -> Stack {
+        Self::start_reading(&["/services=auto"], options).await
+    }
+
+    /// A stack whose control plane reads `registries` (`--registry` values; the first root is
+    /// the stack's [`Stack::root`]) and whose filter takes `options` (none if empty).
+    pub async fn start_reading(registries: &[&str], options: &str) -> Stack {
         let dir = tempfile::Builder::new()
             .prefix("zklb-e2e")
             .tempdir()
             .expect("creating a temporary directory");
-        let root = "/services".to_string();
+        let root = registries[0]
+            .split_once('=')
+            .map_or(registries[0], |(root, _)| root)
+            .to_string();
         let zookeeper = ZooKeeper::start(dir.path()).await;
-        let control_plane = ControlPlane::start(&zookeeper, &root, dir.path()).await;
+        let control_plane = ControlPlane::start_reading(&zookeeper, registries, dir.path()).await;
         let envoy = if options.is_empty() {
             Envoy::start(&control_plane, dir.path()).await
         } else {
@@ -799,6 +1155,17 @@ impl Stack {
     async fn start_backend(&self, service: &str, id: &str, status: u16, port: u16) -> Backend {
         let (zookeeper, root, dir) = (&self.zookeeper, &self.root, self.dir.path());
         Backend::start(zookeeper, root, service, id, status, port, dir).await
+    }
+
+    /// A backend whose agent takes `agent_options` (a health check, weight, zone...).
+    pub async fn backend_with_agent(
+        &self,
+        service: &str,
+        id: &str,
+        agent_options: &[&str],
+    ) -> Backend {
+        let (zookeeper, root, dir) = (&self.zookeeper, &self.root, self.dir.path());
+        Backend::start_with_agent(zookeeper, root, service, id, 200, 0, agent_options, dir).await
     }
 
     /// Sends one request through Envoy for `service`, with extra request headers.

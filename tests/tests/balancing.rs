@@ -40,7 +40,7 @@ async fn three_backends_share_traffic_uniformly() {
 async fn membership_follows_registrations_and_deregistrations() {
     let stack = Stack::start().await;
     let b1 = stack.backend("echo", "b1").await;
-    let b2 = stack.backend("echo", "b2").await;
+    let mut b2 = stack.backend("echo", "b2").await;
     let mut b3 = stack.backend("echo", "b3").await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
     let first_version = echo_version(&stack).await;
@@ -51,7 +51,10 @@ async fn membership_follows_registrations_and_deregistrations() {
         .wait_for_backends("echo", &["b1", "b2", "b3", "b4"])
         .await;
 
-    // b2's registration disappears while its process keeps running: it gets nothing more.
+    // b2's registration disappears while its process keeps running: it gets nothing more. Its
+    // agent is gone first (killed: its session, and the znode, would outlive it), or it would
+    // register b2 again.
+    b2.kill_agent();
     let operator = stack.zookeeper.client().await;
     operator
         .delete(&b2.znode, None)
@@ -67,7 +70,7 @@ async fn membership_follows_registrations_and_deregistrations() {
         "a deregistered backend received requests"
     );
 
-    // b3 stops: its session closes, its instance goes, and no attempt is wasted on it.
+    // b3 stops: its agent drains and deregisters it, and no attempt is wasted on it.
     b3.stop();
     stack.wait_for_backends("echo", &["b1", "b4"]).await;
     let retries_before = stack.envoy.stat(RETRIES).await;

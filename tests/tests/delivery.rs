@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
 use zklb_tests::proxy::Relay;
 use zklb_tests::stack::Answer;
 use zklb_tests::{eventually, ControlPlane, Envoy, Stack, ZooKeeper};
@@ -230,8 +229,11 @@ async fn a_thousand_services_reach_envoy_and_one_change_resends_only_its_members
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_root_keeps_envoy_routing_and_readiness_says_why() {
     let stack = Stack::start().await;
-    let backend = stack.backend("echo", "e1").await;
+    let mut backend = stack.backend("echo", "e1").await;
     stack.wait_for_backends("echo", &["e1"]).await;
+    // Its agent is gone (killed: its znode stays with its session), or it would register e1
+    // again, and the root with it.
+    backend.kill_agent();
 
     // Everything under the root goes in one transaction, so that no intermediate state (an
     // empty service) is ever read: the control plane sees the root vanish at once.
@@ -324,8 +326,21 @@ async fn a_missing_root_at_start_publishes_nothing_until_it_exists() {
         .await
         .expect("creating a service");
     control_plane.wait_until_serving().await;
-    let list: Value = control_plane.get("/v1/services").await.expect("list");
-    assert!(list["services"]["echo"].is_object(), "{list}");
+    // The root and the service are two writes: a version with the root alone may be published
+    // between them, so the service is waited for rather than expected in the first list.
+    let list = eventually(
+        Duration::from_secs(10),
+        "the service under the new root is listed",
+        || async {
+            let list = control_plane.get("/v1/services").await?;
+            if list["services"]["echo"].is_object() {
+                Ok(list)
+            } else {
+                Err(list.to_string())
+            }
+        },
+    )
+    .await;
     assert_eq!(list["stale"], false);
 }
 

@@ -1,10 +1,14 @@
-//! The shipped Envoy configuration is valid, and a broken filter configuration is refused at load.
+//! The shipped Envoy configurations (native and compose, both rendered from one template) are
+//! valid, and a broken filter configuration is refused at load.
 
 use std::process::Command;
 use std::time::Duration;
 
 use zklb_tests::eventually;
-use zklb_tests::stack::{envoy_binary, render_envoy_config, validate_envoy_config};
+use zklb_tests::stack::{
+    envoy_binary, filter_wasm, render_compose_envoy_config, render_envoy_config,
+    validate_envoy_config, workspace_root,
+};
 
 #[test]
 fn shipped_envoy_config_validates() {
@@ -16,13 +20,41 @@ fn shipped_envoy_config_validates() {
     }
 }
 
+/// docker-compose.yml mounts envoy/envoy-compose.yaml into Envoy's container: it must be the
+/// template's compose rendering, and valid.
+#[test]
+fn compose_envoy_config_is_the_rendered_template_and_validates() {
+    let rendered = render_compose_envoy_config();
+    let committed = std::fs::read_to_string(workspace_root().join("envoy/envoy-compose.yaml"))
+        .expect("reading envoy/envoy-compose.yaml");
+    assert!(
+        committed == rendered,
+        "envoy/envoy-compose.yaml is not the template's rendering: \
+         scripts/render-envoy-config --compose > envoy/envoy-compose.yaml"
+    );
+
+    // Envoy validates the module it names, which the compose stack mounts at a path of its
+    // container: the same module is at another path here.
+    let container_module = "/etc/envoy/zklb/zklb_filter.wasm";
+    assert!(
+        committed.contains(container_module),
+        "the filter's path in the container"
+    );
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("envoy.yaml");
+    let local = committed.replace(container_module, &filter_wasm().display().to_string());
+    std::fs::write(&config, local).expect("writing the config");
+    if let Err(reasons) = validate_envoy_config(&config) {
+        panic!("envoy rejected envoy/envoy-compose.yaml:\n{reasons}");
+    }
+}
+
 /// Each attempt of a request goes to its own candidate only if the filter writes as many
 /// candidates as the route makes attempts: both come from one variable of the template.
 #[test]
 fn filter_retries_and_route_retries_come_from_one_variable() {
-    let template =
-        std::fs::read_to_string(zklb_tests::stack::workspace_root().join("envoy/envoy.yaml"))
-            .expect("reading envoy/envoy.yaml");
+    let template = std::fs::read_to_string(workspace_root().join("envoy/envoy.yaml"))
+        .expect("reading envoy/envoy.yaml");
     let settings: Vec<&str> = template
         .lines()
         .map(str::trim)

@@ -5,8 +5,12 @@
 use std::time::Duration;
 
 use serde_json::json;
-use zklb_tests::stack::{assert_all_served, free_port};
-use zklb_tests::{eventually, Stack};
+use std::path::Path;
+
+use zklb_tests::stack::{
+    assert_all_served, filter_wasm, free_port, render_envoy_config, workspace_root,
+};
+use zklb_tests::{eventually, ControlPlane, Envoy, Stack, ZooKeeper};
 use zookeeper_client::{Acls, CreateMode};
 
 /// Registers an instance whose process is gone: nothing listens on its port.
@@ -125,5 +129,104 @@ async fn only_idempotent_requests_are_retried_after_a_5xx() {
     assert!(
         posts_failed > 0,
         "a POST that got a 503 was sent again, which is not safe for a request that is not idempotent"
+    );
+}
+
+/// Envoy on the shipped configuration with the crash-probe build of the filter (a request with
+/// `x-zklb-crash-probe` makes it panic), one worker, and `failure_policy` as given.
+async fn envoy_with_crashable_filter(
+    control_plane: &ControlPlane,
+    failure_policy: &str,
+    dir: &Path,
+) -> Envoy {
+    let (listen_port, admin_port) = (free_port(), free_port());
+    let shipped = render_envoy_config(listen_port, admin_port, control_plane.port);
+    let probe = workspace_root().join("target/zklb_filter_crash_probe.wasm");
+    assert!(
+        probe.exists(),
+        "run scripts/build-filter zklb-filter crash-probe"
+    );
+    let config = shipped
+        .replace(
+            &filter_wasm().display().to_string(),
+            &probe.display().to_string(),
+        )
+        .replace(
+            "failure_policy: FAIL_RELOAD",
+            &format!("failure_policy: {failure_policy}"),
+        );
+    assert!(config.contains(&format!("failure_policy: {failure_policy}")));
+    std::fs::create_dir_all(dir).expect("a directory");
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, config).expect("writing the configuration");
+    Envoy::start_with_config(path, listen_port, admin_port, 1, dir).await
+}
+
+/// A filter VM that crashes is replaced (the shipped `FAIL_RELOAD`): the requests after the
+/// crash are routed again, where `FAIL_CLOSED` would fail every one of them for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_filter_vm_is_replaced_and_routing_goes_on() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let control_plane = ControlPlane::start(&zookeeper, "/services", dir.path()).await;
+    let reloading =
+        envoy_with_crashable_filter(&control_plane, "FAIL_RELOAD", &dir.path().join("reload"))
+            .await;
+    let closing =
+        envoy_with_crashable_filter(&control_plane, "FAIL_CLOSED", &dir.path().join("closed"))
+            .await;
+    let stack = Stack::around(zookeeper, control_plane, reloading, "/services", dir).await;
+    let _backends = stack.serving("echo", &["b1", "b2"]).await;
+    let http = reqwest::Client::new();
+    let send = |envoy: &Envoy, crash: bool| {
+        let mut request = http
+            .get(format!("http://127.0.0.1:{}/", envoy.listen_port))
+            .header("host", "echo");
+        if crash {
+            request = request.header("x-zklb-crash-probe", "1");
+        }
+        async move {
+            match request.send().await {
+                Ok(response) => response.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    };
+    for envoy in [&stack.envoy, &closing] {
+        eventually(Duration::from_secs(20), "Envoy routes", || async {
+            let status = send(envoy, false).await;
+            (status == 200).then_some(()).ok_or(format!("{status}"))
+        })
+        .await;
+        assert_ne!(send(envoy, true).await, 200, "the probe crashed the filter");
+        assert!(
+            envoy.log().contains("zklb: crashing on request"),
+            "the VM did not crash: {}",
+            envoy.log()
+        );
+    }
+
+    // FAIL_RELOAD: a new VM takes over, with the list the poller keeps in shared data.
+    let recovered = eventually(
+        Duration::from_secs(20),
+        "the crashed VM is replaced",
+        || async {
+            let status = send(&stack.envoy, false).await;
+            (status == 200).then_some(()).ok_or(format!("{status}"))
+        },
+    );
+    recovered.await;
+    let answers = stack.requests("echo", 100, 4).await;
+    assert_all_served(&answers);
+    // FAIL_CLOSED, the same crash, for contrast: the worker fails every request after it.
+    let mut failed = 0;
+    for _ in 0..20 {
+        if send(&closing, false).await != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 20,
+        "FAIL_CLOSED recovered by itself: the contrast shows nothing"
     );
 }

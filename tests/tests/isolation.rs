@@ -166,6 +166,7 @@ async fn every_part_of_the_stack_listens_on_loopback_only() {
         ("the control plane", stack.control_plane.listening()),
         ("Envoy", stack.envoy.listening()),
         ("a demo backend", backends[0].listening()),
+        ("zklb-agent", backends[0].agent.listening()),
     ];
     for (part, addresses) in parts {
         assert!(

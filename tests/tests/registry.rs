@@ -141,7 +141,9 @@ async fn malformed_znodes_are_skipped_counted_and_the_rest_kept() {
         "the good instance is listed alone",
         || async {
             let listing = services(&control_plane).await?;
-            let skipped = control_plane.metric("zklb_malformed_znodes_total").await;
+            let skipped = control_plane
+                .metric_sum("zklb_malformed_znodes_total")
+                .await;
             let rejected = control_plane
                 .metric("zklb_rejected_service_names_total")
                 .await;

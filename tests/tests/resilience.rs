@@ -27,12 +27,8 @@ async fn traffic_survives_a_control_plane_crash_and_updates_resume() {
 
     // Registered while the control plane is down: picked up once it is back.
     let _b3 = stack.backend("echo", "b3").await;
-    let root = stack.root.clone();
     let dir = stack.dir.path().to_path_buf();
-    stack
-        .control_plane
-        .restart(&stack.zookeeper, &root, &dir)
-        .await;
+    stack.control_plane.restart(&stack.zookeeper, &dir).await;
     stack.control_plane.wait_until_serving().await;
     stack.wait_for_backends("echo", &["b1", "b2", "b3"]).await;
 }
@@ -73,12 +69,8 @@ async fn a_control_plane_restarted_without_zookeeper_does_not_empty_envoy() {
     // The new process cannot read ZooKeeper, so it knows of no service at all.
     stack.zookeeper.crash();
     stack.control_plane.stop();
-    let root = stack.root.clone();
     let dir = stack.dir.path().to_path_buf();
-    stack
-        .control_plane
-        .restart(&stack.zookeeper, &root, &dir)
-        .await;
+    stack.control_plane.restart(&stack.zookeeper, &dir).await;
     let health = stack.control_plane.health().await.expect("health");
     assert_eq!(health["status"], "starting", "{health}");
 

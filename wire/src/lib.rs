@@ -61,6 +61,13 @@ pub struct ServiceSet {
 pub struct Service {
     pub name: String,
     pub version: Version,
+    /// The registry format the service was read as (for a root read in `auto`, the one chosen),
+    /// once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<SourceFormat>,
+    /// The znode the service was read from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub znode: String,
     pub instances: Vec<Instance>,
 }
 
@@ -82,7 +89,13 @@ impl Service {
 pub struct Instance {
     /// The registrar's instance id (the znode name when the format has none).
     pub id: String,
+    /// The IP address requests are sent to. A registrar that gave a host name has it resolved
+    /// by the control plane; until it resolves, this is the name, and the instance is not
+    /// routable.
     pub address: String,
+    /// The host name the registrar gave, when it gave one rather than an IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     pub port: u16,
     /// Whether `port` speaks TLS (a Curator instance registered with an `sslPort` only): Envoy
     /// connects to it with TLS.
@@ -117,6 +130,7 @@ impl Instance {
         Instance {
             id: id.into(),
             address: address.into(),
+            hostname: None,
             port,
             tls: false,
             weight: default_weight(),
@@ -165,14 +179,37 @@ pub enum Status {
 }
 
 /// The registry format an instance was decoded from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceFormat {
-    /// Apache Curator x-discovery JSON (also written by Spring Cloud Zookeeper and Dubbo 3).
+    /// Apache Curator x-discovery JSON (also written by Spring Cloud Zookeeper, Dubbo 3 and
+    /// zklb-agent).
     Curator,
+    /// Finagle / Aurora ServerSet members (`member_*` JSON znodes).
+    Serverset,
+    /// Airbnb Nerve JSON.
+    Nerve,
+    /// Dubbo 2 interface-level provider URLs (the znode name is the instance).
+    Dubbo,
+    /// APISIX (apisix-seed): one znode per service holding its nodes as JSON.
+    Apisix,
     /// A format that a newer control plane decodes and this build does not know by name.
     #[serde(other)]
     Unknown,
+}
+
+impl SourceFormat {
+    /// The format's name, as in the JSON, the `--registry` flag and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceFormat::Curator => "curator",
+            SourceFormat::Serverset => "serverset",
+            SourceFormat::Nerve => "nerve",
+            SourceFormat::Dubbo => "dubbo",
+            SourceFormat::Apisix => "apisix",
+            SourceFormat::Unknown => "unknown",
+        }
+    }
 }
 
 /// The JSON body of every HTTP error the control plane or the filter answers.
@@ -213,7 +250,29 @@ pub struct ServiceList {
     /// one's (a `Host` header could reach only one of them), with the reason.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub conflicts: BTreeMap<String, String>,
+    /// What the registry holds and zklb cannot use, with the reasons.
+    #[serde(flatten)]
+    pub problems: Problems,
 }
+
+/// What is registered but not routed, and why, by what an operator must fix.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Problems {
+    /// Znodes that do not decode in their format, by path (at most [`MAX_PROBLEMS`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub malformed: BTreeMap<String, String>,
+    /// Znodes that cannot be read (no permission, say), by path; they are read again later.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreadable: BTreeMap<String, String>,
+    /// Registered host names that do not resolve to an address, with the resolver's error;
+    /// their instances get no traffic until they do.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unresolved: BTreeMap<String, String>,
+}
+
+/// The most entries a list of [`Problems`] carries, so a registry full of garbage cannot make
+/// every list huge; the metrics count them all.
+pub const MAX_PROBLEMS: usize = 100;
 
 /// `GET /v1/changes?after=V`: what changed in the registry since version `V`, so that a client
 /// that holds `V` gets only the services whose version moved and the names of those removed.
@@ -281,6 +340,7 @@ mod tests {
                     .with_status(Status::Down),
                 Instance::new("other", "127.0.0.1", 8082, SourceFormat::Curator),
             ],
+            ..Service::default()
         };
         let ids: Vec<&str> = service
             .routable_instances()
@@ -313,6 +373,7 @@ mod tests {
                 session: "disconnected".into(),
             },
             conflicts: BTreeMap::new(),
+            problems: Problems::default(),
         };
         let json = serde_json::to_value(&list).expect("serializes");
         assert_eq!(json["version"], 5);

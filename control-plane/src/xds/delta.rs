@@ -231,14 +231,16 @@ mod tests {
     use std::collections::HashMap;
 
     use envoy_types::pb::google::rpc::Status as RpcStatus;
-    use zklb_wire::{Instance, Service, ServiceSet, SourceFormat};
+    use zklb_wire::{Instance, Service, SourceFormat};
+
+    use crate::registry::Publication;
 
     use super::*;
     use crate::snapshot::Snapshot;
     use crate::xds::settings::ClusterSettingsTable;
 
     fn resources(services: &[(&str, Version, &[u16])]) -> XdsResources {
-        let services: BTreeMap<String, Service> = services
+        let services: Vec<Service> = services
             .iter()
             .map(|(name, version, ports)| {
                 let instances = ports
@@ -247,16 +249,15 @@ mod tests {
                         Instance::new(port.to_string(), "127.0.0.1", port, SourceFormat::Curator)
                     })
                     .collect();
-                let service = Service {
+                Service {
                     name: name.to_string(),
                     version: *version,
                     instances,
-                };
-                (name.to_string(), service)
+                    ..Service::default()
+                }
             })
             .collect();
-        let version = services.values().map(|s| s.version).max().unwrap_or(0);
-        let snapshot = Snapshot::default().succeeded_by(ServiceSet { version, services });
+        let snapshot = Snapshot::default().succeeded_by(Publication::of(services));
         XdsResources::default().update(&snapshot, &ClusterSettingsTable::default())
     }
 

@@ -86,11 +86,11 @@ impl XdsResources {
     /// The resources of `snapshot`, reusing those of `self` for every unchanged service.
     pub fn update(&self, snapshot: &Snapshot, settings: &ClusterSettingsTable) -> XdsResources {
         let mut next = XdsResources {
-            registry_version: snapshot.services.version,
+            registry_version: snapshot.version(),
             synced: snapshot.synced,
             ..XdsResources::default()
         };
-        for (name, service) in &snapshot.services.services {
+        for (name, service) in snapshot.services() {
             let cluster_name = zklb_wire::cluster_name(name);
             let unchanged = self.built_from.get(name) == Some(&service.version);
             let reused = unchanged
@@ -392,7 +392,9 @@ fn digest(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zklb_wire::{Instance, ServiceSet, SourceFormat, Status};
+    use zklb_wire::{Instance, Service, SourceFormat, Status};
+
+    use crate::registry::Publication;
 
     fn instance(address: &str, port: u16, status: Status) -> Instance {
         Instance::new(
@@ -405,19 +407,13 @@ mod tests {
     }
 
     fn snapshot(services: &[(&str, Version, Vec<Instance>)]) -> Snapshot {
-        let services: BTreeMap<String, Service> = services
-            .iter()
-            .map(|(name, version, instances)| {
-                let service = Service {
-                    name: name.to_string(),
-                    version: *version,
-                    instances: instances.clone(),
-                };
-                (name.to_string(), service)
-            })
-            .collect();
-        let version = services.values().map(|s| s.version).max().unwrap_or(0);
-        Snapshot::default().succeeded_by(ServiceSet { version, services })
+        let services = services.iter().map(|(name, version, instances)| Service {
+            name: name.to_string(),
+            version: *version,
+            instances: instances.clone(),
+            ..Service::default()
+        });
+        Snapshot::default().succeeded_by(Publication::of(services))
     }
 
     fn decode_cluster(resources: &XdsResources, name: &str) -> Cluster {

@@ -1,6 +1,6 @@
 //! Apache Curator x-discovery instances, as written by Curator's `ServiceDiscovery`, Spring Cloud
-//! Zookeeper and Dubbo 3's application-level registry: one JSON znode per instance under
-//! `/<root>/<service>/<instance id>`.
+//! Zookeeper, Dubbo 3's application-level registry and zklb-agent: one JSON znode per instance
+//! under `/<root>/<service>/<instance id>`.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use zklb_wire::{Instance, SourceFormat, Status};
 
-use super::DecodeError;
+use super::{metadata_string, port_number, DecodeError};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -34,10 +34,11 @@ pub fn decode(service: &str, znode_name: &str, data: &[u8]) -> Result<Instance, 
     let raw: CuratorInstance = serde_json::from_slice(data)?;
     // An instance filed under another service's directory is a registrar's mistake: routing it
     // would send one service's requests to another's backend.
-    if let Some(name) = raw.name.as_ref().filter(|name| *name != service) {
-        return Err(DecodeError::Invalid {
+    if let Some(name) = raw.name.filter(|name| name != service) {
+        return Err(DecodeError::WrongService {
             field: "name",
-            reason: format!("{name:?} is not the service it is registered under ({service:?})"),
+            found: name,
+            service: service.to_string(),
         });
     }
     let address = raw
@@ -78,16 +79,6 @@ pub fn decode(service: &str, znode_name: &str, data: &[u8]) -> Result<Instance, 
     })
 }
 
-fn port_number(field: &'static str, port: i64) -> Result<u16, DecodeError> {
-    u16::try_from(port)
-        .ok()
-        .filter(|&port| port != 0)
-        .ok_or_else(|| DecodeError::Invalid {
-            field,
-            reason: format!("{port} is not a TCP port"),
-        })
-}
-
 /// `payload.metadata` as strings; payloads of other shapes carry no metadata we understand.
 fn payload_metadata(payload: Option<&Value>) -> BTreeMap<String, String> {
     let Some(Value::Object(metadata)) = payload.and_then(|payload| payload.get("metadata")) else {
@@ -95,13 +86,7 @@ fn payload_metadata(payload: Option<&Value>) -> BTreeMap<String, String> {
     };
     metadata
         .iter()
-        .map(|(key, value)| {
-            let value = match value {
-                Value::String(text) => text.clone(),
-                other => other.to_string(),
-            };
-            (key.clone(), value)
-        })
+        .map(|(key, value)| (key.clone(), metadata_string(value)))
         .collect()
 }
 
@@ -110,11 +95,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = format!(
-            "{}/tests/fixtures/curator/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        std::fs::read(&path).unwrap_or_else(|error| panic!("{path}: {error}"))
+        crate::tests::fixture("curator", name)
     }
 
     #[test]
