@@ -25,7 +25,7 @@ pub struct Ensemble {
 struct Member {
     id: u32,
     address: SocketAddr,
-    /// `None` once handed out by [`Ensemble::take_leader`].
+    /// `None` once handed out by [`Ensemble::take`].
     server: Option<ZooKeeper>,
 }
 
@@ -53,19 +53,29 @@ impl Ensemble {
             }
         };
         let (first, second, third) = tokio::join!(start(1), start(2), start(3));
-        let members: Vec<Member> = [first, second, third]
-            .into_iter()
-            .map(|(id, server)| Member {
-                id,
-                address: server.connect.parse().expect("a server's address"),
-                server: Some(server),
-            })
-            .collect();
-        let connect = members
+        let addresses: Vec<SocketAddr> = [&first, &second, &third]
             .iter()
-            .map(|member| member.address.to_string())
+            .map(|(_, server)| server.connect.parse().expect("a server's address"))
+            .collect();
+        let connect = addresses
+            .iter()
+            .map(SocketAddr::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        // Every server's `connect` names the whole ensemble, so that clients started from any
+        // of them (a control plane, agents, a test's own) can move to the other servers.
+        let members: Vec<Member> = [first, second, third]
+            .into_iter()
+            .zip(addresses)
+            .map(|((id, mut server), address)| {
+                server.connect = connect.clone();
+                Member {
+                    id,
+                    address,
+                    server: Some(server),
+                }
+            })
+            .collect();
         let ensemble = Ensemble {
             connect,
             members,
@@ -95,19 +105,21 @@ impl Ensemble {
             .ok_or_else(|| format!("no mode in {report:?}"))
     }
 
-    /// Hands out the leading server, to be crashed by whoever holds it. Its `connect` names the
-    /// whole ensemble, so that clients started from it (agents, a test's own) can move to the
-    /// other servers.
-    pub async fn take_leader(&mut self) -> ZooKeeper {
-        let leader = self.leader().await.expect("a server leads");
-        let mut server = self
-            .members
+    /// A server not handed out yet, to start clients from: its `connect` names the ensemble.
+    pub fn any_server(&self) -> &ZooKeeper {
+        self.members
+            .iter()
+            .find_map(|member| member.server.as_ref())
+            .expect("a server not handed out")
+    }
+
+    /// Hands out server `id`, to be crashed by whoever holds it.
+    pub fn take(&mut self, id: u32) -> ZooKeeper {
+        self.members
             .iter_mut()
-            .find(|member| member.id == leader)
+            .find(|member| member.id == id)
             .and_then(|member| member.server.take())
-            .expect("the leader was not handed out before");
-        server.connect = self.connect.clone();
-        server
+            .unwrap_or_else(|| panic!("server {id} is unknown or was handed out before"))
     }
 
     /// The id of the server that `connections` (a process's, `(local, remote)`) go to, with

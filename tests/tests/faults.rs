@@ -135,24 +135,38 @@ fn control_plane_server(
 async fn the_zookeeper_leader_killed_under_load_costs_no_request_and_no_session() {
     let started = Instant::now();
     let mut ensemble = Ensemble::start().await;
-    let leader_id = ensemble.leader().await.expect("a leader");
-    let leader = ensemble.take_leader().await;
     let dir = tempfile::Builder::new()
         .prefix("zklb-e2e")
         .tempdir()
         .expect("creating a temporary directory");
     // The client library picks a server at random: the control plane starts again until its
-    // session is on the leader, so that the kill moves it (each start is a new process).
-    // Each start logs into a directory of its own, so that the log counts one process.
+    // session is on the server that leads at that moment, so that the kill moves it (each
+    // start is a new process, logging into a directory of its own so that a log counts one
+    // process). Leadership is asked each time: on a busy machine a fresh ensemble may elect
+    // again after its first leader, and a server that is not serving takes no session.
     let log_dir = |start: u32| dir.path().join(format!("control-plane-{start}"));
-    let mut starts = 1;
-    let mut control_plane = ControlPlane::start(&leader, ROOT, &log_dir(starts)).await;
-    while control_plane_server(&ensemble, &control_plane).map(|(id, _)| id) != Ok(leader_id) {
-        assert!(starts < 30, "the control plane never chose the leader");
+    let mut seen = Vec::new();
+    let (control_plane, leader_id) = loop {
+        let start = seen.len() as u32 + 1;
+        assert!(
+            start <= 30,
+            "the control plane never held its session on the leader: (server, its mode) of \
+             each start: {seen:?}"
+        );
+        let mut control_plane =
+            ControlPlane::start(ensemble.any_server(), ROOT, &log_dir(start)).await;
+        let on = control_plane_server(&ensemble, &control_plane).map(|(id, _)| id);
+        let mode = match on {
+            Ok(id) => ensemble.mode(id).await,
+            Err(ref error) => Err(error.clone()),
+        };
+        match (on, mode) {
+            (Ok(id), Ok(mode)) if mode == "leader" => break (control_plane, id),
+            answer => seen.push(answer),
+        }
         control_plane.kill();
-        starts += 1;
-        control_plane = ControlPlane::start(&leader, ROOT, &log_dir(starts)).await;
-    }
+    };
+    let leader = ensemble.take(leader_id);
     let envoy = Envoy::start(&control_plane, dir.path()).await;
     let mut stack = Stack::around(leader, control_plane, envoy, ROOT, dir).await;
     let _backends = stack.serving("echo", &["b1", "b2"]).await;
