@@ -25,7 +25,11 @@ pub struct Breakdown {
     pub any_wasm_us: f64,
     /// `zklb_without_filter` − `native_random`: zklb's clusters, policy and header removal.
     pub cluster_setup_us: f64,
-    /// `zklb` − `noop_wasm` − the cluster setup's share: what the filter itself does.
+    /// `zklb_headers_from_client` − `zklb_without_filter`: Envoy routing by the cluster header and
+    /// `override_host` following the candidates, the decision the filter writes.
+    pub following_decision_us: f64,
+    /// `zklb` − `noop_wasm` − (`zklb_headers_from_client` − `native_random`): what the filter
+    /// itself does, in its VM and in the host calls it makes.
     pub filter_work_us: f64,
     /// `zklb` − `native_random`: zklb in all.
     pub zklb_us: f64,
@@ -37,7 +41,7 @@ pub struct Breakdown {
 }
 
 impl Breakdown {
-    /// The split, from the rounds in which all four variants it needs ran; `None` without any.
+    /// The split, from the rounds in which all five variants it needs ran; `None` without any.
     pub fn of(rounds: &[Round]) -> Option<Breakdown> {
         let any_wasm = paired(rounds, |cpu| {
             Some(cpu(Variant::NoopWasm)? - cpu(Variant::NativeRandom)?)
@@ -45,9 +49,12 @@ impl Breakdown {
         let cluster = paired(rounds, |cpu| {
             Some(cpu(Variant::ZklbWithoutFilter)? - cpu(Variant::NativeRandom)?)
         });
+        let following = paired(rounds, |cpu| {
+            Some(cpu(Variant::ZklbHeadersFromClient)? - cpu(Variant::ZklbWithoutFilter)?)
+        });
         let filter = paired(rounds, |cpu| {
-            let cluster = cpu(Variant::ZklbWithoutFilter)? - cpu(Variant::NativeRandom)?;
-            Some(cpu(Variant::Zklb)? - cpu(Variant::NoopWasm)? - cluster)
+            let envoy_side = cpu(Variant::ZklbHeadersFromClient)? - cpu(Variant::NativeRandom)?;
+            Some(cpu(Variant::Zklb)? - cpu(Variant::NoopWasm)? - envoy_side)
         });
         let zklb = paired(rounds, |cpu| {
             Some(cpu(Variant::Zklb)? - cpu(Variant::NativeRandom)?)
@@ -66,6 +73,7 @@ impl Breakdown {
             native_us: of(Variant::NativeRandom, cpu)?,
             any_wasm_us: any_wasm?,
             cluster_setup_us: cluster?,
+            following_decision_us: following?,
             filter_work_us: filter?,
             zklb_us: zklb?,
             rps_vs_noop: of(Variant::Zklb, rps)? / of(Variant::NoopWasm, rps)?.max(1e-9),
@@ -83,7 +91,7 @@ impl Breakdown {
     }
 
     /// The most CPU per request zklb may take: `noop_wasm`'s × [`CPU_TARGET_RATIO`] plus the
-    /// cluster setup's share.
+    /// cluster setup's share (what following the filter's decision costs Envoy counts against it).
     pub fn cpu_limit_us(&self) -> f64 {
         CPU_TARGET_RATIO * self.noop_cpu_us + self.cluster_setup_us
     }
@@ -157,6 +165,12 @@ mod tests {
                 950.0 / slow,
                 53.0 * slow,
             ));
+            rounds.push(round(
+                Variant::ZklbHeadersFromClient,
+                number,
+                930.0 / slow,
+                54.0 * slow,
+            ));
             rounds.push(round(Variant::Zklb, number, 860.0 / slow, 60.0 * slow));
         }
         rounds
@@ -164,13 +178,14 @@ mod tests {
 
     #[test]
     fn shares_are_medians_of_differences_within_rounds() {
-        let split = Breakdown::of(&two_rounds()).expect("all four variants ran");
+        let split = Breakdown::of(&two_rounds()).expect("all five variants ran");
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(split.native_us, 75.0), "{split:?}");
         assert!(close(split.any_wasm_us, 9.0), "{split:?}");
         assert!(close(split.cluster_setup_us, 4.5), "{split:?}");
-        // Round 1: 60 − 56 − 3 = 1; round 2: 120 − 112 − 6 = 2.
-        assert!(close(split.filter_work_us, 1.5), "{split:?}");
+        assert!(close(split.following_decision_us, 1.5), "{split:?}");
+        // Round 1: 60 − 56 − (54 − 50) = 0; round 2: 120 − 112 − (108 − 100) = 0.
+        assert!(close(split.filter_work_us, 0.0), "{split:?}");
         assert!(close(split.zklb_us, 15.0), "{split:?}");
         assert!(
             close(split.rps_vs_noop, (430.0 + 860.0) / (450.0 + 900.0)),
@@ -193,18 +208,20 @@ mod tests {
             round.cpu_us_per_request += 10.0;
             round.wrk.requests_per_second *= 0.5;
         }
-        let split = Breakdown::of(&rounds).expect("all four variants ran");
+        let split = Breakdown::of(&rounds).expect("all five variants ran");
         assert!(!split.filter_work_met());
         assert!(!split.rps_met());
         assert!(!split.cpu_met());
     }
 
     #[test]
-    fn no_split_without_the_variant_it_needs() {
-        let rounds: Vec<Round> = two_rounds()
-            .into_iter()
-            .filter(|round| round.variant != Variant::ZklbWithoutFilter)
-            .collect();
-        assert_eq!(Breakdown::of(&rounds), None);
+    fn no_split_without_the_variants_it_needs() {
+        for missing in [Variant::ZklbWithoutFilter, Variant::ZklbHeadersFromClient] {
+            let rounds: Vec<Round> = two_rounds()
+                .into_iter()
+                .filter(|round| round.variant != missing)
+                .collect();
+            assert_eq!(Breakdown::of(&rounds), None, "without {}", missing.name());
+        }
     }
 }

@@ -44,6 +44,10 @@ pub enum Variant {
     /// zklb's Envoy configuration without the zklb filter: the service's cluster from the control
     /// plane, the `override_host` policy, the upstream removal of the candidate header.
     ZklbWithoutFilter,
+    /// The same, routed by the cluster and candidate headers as zklb's is, but written by the
+    /// client (every request names the same three candidates in the same order): what Envoy does
+    /// to follow the filter's decision, without the filter.
+    ZklbHeadersFromClient,
     /// ZooKeeper, the control plane, Envoy rendered from `envoy/envoy.yaml` with the zklb filter.
     Zklb,
     /// zklb, the service's policy `weighted_random` (weights 1, 2, 3).
@@ -57,10 +61,11 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 8] = [
+    pub const ALL: [Variant; 9] = [
         Variant::NativeRandom,
         Variant::NoopWasm,
         Variant::ZklbWithoutFilter,
+        Variant::ZklbHeadersFromClient,
         Variant::Zklb,
         Variant::ZklbWeightedRandom,
         Variant::ZklbLeastRequest,
@@ -73,6 +78,7 @@ impl Variant {
             Variant::NativeRandom => "native_random",
             Variant::NoopWasm => "noop_wasm",
             Variant::ZklbWithoutFilter => "zklb_without_filter",
+            Variant::ZklbHeadersFromClient => "zklb_headers_from_client",
             Variant::Zklb => "zklb",
             Variant::ZklbWeightedRandom => "zklb_weighted_random",
             Variant::ZklbLeastRequest => "zklb_least_request",
@@ -104,7 +110,10 @@ impl Variant {
     /// The filter's policy for its service (`None`: no zklb filter).
     pub fn policy(self) -> Option<&'static str> {
         match self {
-            Variant::NativeRandom | Variant::NoopWasm | Variant::ZklbWithoutFilter => None,
+            Variant::NativeRandom
+            | Variant::NoopWasm
+            | Variant::ZklbWithoutFilter
+            | Variant::ZklbHeadersFromClient => None,
             Variant::ZklbWeightedRandom => Some("weighted_random"),
             Variant::ZklbLeastRequest => Some("least_request"),
             _ => Some("random"),
@@ -127,9 +136,15 @@ struct Envoys {
     native: Envoy,
     noop: Envoy,
     without_filter: Envoy,
+    headers_from_client: Envoy,
+    /// The headers of `zklb_headers_from_client`'s requests: its service, cluster, candidates.
+    client_decision: Vec<String>,
     zklb: Envoy,
     /// zklb with per-service policies: `weighted_random` and `least_request` services.
     policies: Envoy,
+    /// zklb for the services of many instances, in an Envoy of their own: the upstream
+    /// connections to thousands of instances must not weigh on `zklb`'s figures.
+    many_instances: Envoy,
     _backends: [Nginx; 2],
     /// The session that owns the registrations: they live as long as it does.
     _registrar: zookeeper_client::Client,
@@ -143,8 +158,18 @@ impl Envoys {
             Variant::NativeRandom => &self.native,
             Variant::NoopWasm => &self.noop,
             Variant::ZklbWithoutFilter => &self.without_filter,
+            Variant::ZklbHeadersFromClient => &self.headers_from_client,
             Variant::ZklbWeightedRandom | Variant::ZklbLeastRequest => &self.policies,
-            Variant::Zklb | Variant::Zklb100Instances | Variant::Zklb5000Instances => &self.zklb,
+            Variant::Zklb => &self.zklb,
+            Variant::Zklb100Instances | Variant::Zklb5000Instances => &self.many_instances,
+        }
+    }
+
+    /// The headers every request of `variant` carries.
+    fn headers(&self, variant: Variant) -> Vec<String> {
+        match variant {
+            Variant::ZklbHeadersFromClient => self.client_decision.clone(),
+            _ => vec![format!("Host: {}", variant.service())],
         }
     }
 }
@@ -163,7 +188,8 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
             settings.warm_up
         };
         let url = url(envoys.of(variant));
-        wrk::run(&url, variant.service(), settings.connections, warm_up).await?;
+        let headers = envoys.headers(variant);
+        wrk::run_with_headers(&url, &headers, settings.connections, warm_up).await?;
     }
 
     let mut rounds = Vec::new();
@@ -171,9 +197,9 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
         for variant in Variant::ALL {
             let envoy = envoys.of(variant);
             let before = procfs::cpu_ticks(envoy.pid())?;
-            let report = wrk::run(
+            let report = wrk::run_with_headers(
                 &url(envoy),
-                variant.service(),
+                &envoys.headers(variant),
                 settings.connections,
                 settings.round,
             )
@@ -267,14 +293,38 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
     }
 
     let zklb = Envoy::start_with_workers(&control_plane, 1, &zklb_dir).await;
+    let many_dir = dir.join("zklb_many_instances");
+    std::fs::create_dir_all(&many_dir)?;
+    let many_instances = Envoy::start_with_workers(&control_plane, 1, &many_dir).await;
     let without_filter = {
         let (listen_port, admin_port) = (free_port(), free_port());
         let rendered = render_envoy_config(listen_port, admin_port, control_plane.port);
         let config =
-            envoy_configs::without_zklb_filter(&rendered, &zklb_wire::cluster_name(SERVICE))?;
+            envoy_configs::without_zklb_filter(&rendered, Some(&zklb_wire::cluster_name(SERVICE)))?;
         let variant_dir = dir.join(Variant::ZklbWithoutFilter.name());
         envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1).await?
     };
+    let headers_from_client = {
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let rendered = render_envoy_config(listen_port, admin_port, control_plane.port);
+        let config = envoy_configs::without_zklb_filter(&rendered, None)?;
+        let variant_dir = dir.join(Variant::ZklbHeadersFromClient.name());
+        envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1).await?
+    };
+    let candidates: Vec<String> = nginx
+        .ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let client_decision = vec![
+        format!("Host: {SERVICE}"),
+        format!(
+            "{}: {}",
+            zklb_wire::CLUSTER_HEADER,
+            zklb_wire::cluster_name(SERVICE)
+        ),
+        format!("{}: {}", zklb_wire::CANDIDATES_HEADER, candidates.join(",")),
+    ];
     let policies = {
         let (listen_port, admin_port) = (free_port(), free_port());
         let services: Vec<String> = Variant::ALL
@@ -298,8 +348,11 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
         native,
         noop,
         without_filter,
+        headers_from_client,
+        client_decision,
         zklb,
         policies,
+        many_instances,
         _backends: [nginx, many],
         _registrar: registrar,
         _control_plane: control_plane,
@@ -307,7 +360,9 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
     };
     for variant in Variant::ALL {
         let envoy = envoys.of(variant);
-        if variant.instances() > settings.backends {
+        if variant == Variant::ZklbHeadersFromClient {
+            wait_for_first_candidate(envoy, &envoys.client_decision).await;
+        } else if variant.instances() > settings.backends {
             wait_for_members(variant, envoy).await;
         } else {
             wait_for_every_backend(variant.name(), envoy, variant.service(), settings.backends)
@@ -346,6 +401,32 @@ async fn wait_for_members(variant: Variant, envoy: &Envoy) {
         } else {
             Err(format!("answered {}", response.status()))
         }
+    })
+    .await;
+}
+
+/// Waits until `envoy` answers requests that carry `headers` (a cluster and candidates) from
+/// their first candidate, the first backend, and from no other: so that the variant measures
+/// Envoy following those headers.
+async fn wait_for_first_candidate(envoy: &Envoy, headers: &[String]) {
+    let http = reqwest::Client::new();
+    let url = url(envoy);
+    let first = Nginx::label(0);
+    let what = format!("requests are answered by their first candidate ({first})");
+    eventually(Duration::from_secs(60), &what, || async {
+        for _ in 0..20 {
+            let mut request = http.get(&url);
+            for (name, value) in headers.iter().filter_map(|header| header.split_once(": ")) {
+                request = request.header(name, value);
+            }
+            let response = request.send().await.map_err(|error| error.to_string())?;
+            let status = response.status();
+            let body = response.text().await.map_err(|error| error.to_string())?;
+            if !status.is_success() || body != first {
+                return Err(format!("{status}: {body}"));
+            }
+        }
+        Ok(())
     })
     .await;
 }

@@ -76,12 +76,14 @@ pub fn endpoints_yaml(ports: &[u16]) -> String {
         .collect()
 }
 
-/// zklb's rendered configuration without the zklb filter: no poller, no HTTP filter, and the
-/// routes send every request to `cluster` (one service's cluster from the control plane) instead
-/// of the cluster the filter names. What stays is all the rest of zklb's setup: the clusters and
-/// members over ADS, the `override_host` policy (which, given no candidates, falls back to
-/// random), the upstream removal of the candidate header, the retry policy.
-pub fn without_zklb_filter(rendered: &str, cluster: &str) -> anyhow::Result<String> {
+/// zklb's rendered configuration without the zklb filter: no poller, no HTTP filter. With
+/// `cluster`, the routes send every request to it (one service's cluster from the control plane)
+/// instead of the cluster the filter names; without, they still route by the cluster header, and
+/// `override_host` still follows the candidate header, whoever wrote them: the client, here. What
+/// stays is all the rest of zklb's setup: the clusters and members over ADS, the `override_host`
+/// policy (which, given no candidates, falls back to random), the upstream removal of the
+/// candidate header, the retry policy.
+pub fn without_zklb_filter(rendered: &str, cluster: Option<&str>) -> anyhow::Result<String> {
     let lines: Vec<&str> = rendered.lines().collect();
     let poller = block(&lines, |line| line == "bootstrap_extensions:")
         .context("no bootstrap_extensions (the poller) in zklb's configuration")?;
@@ -110,7 +112,10 @@ pub fn without_zklb_filter(rendered: &str, cluster: &str) -> anyhow::Result<Stri
     if !kept.contains("validate_clusters: false") {
         bail!("no route_config in zklb's configuration");
     }
-    Ok(kept.replace(&routed_by_filter, &format!("cluster: {cluster}")))
+    Ok(match cluster {
+        Some(cluster) => kept.replace(&routed_by_filter, &format!("cluster: {cluster}")),
+        None => kept,
+    })
 }
 
 /// The lines of the first YAML block whose opening line `starts` says so: that line and every
@@ -204,34 +209,43 @@ mod tests {
     fn the_filter_is_taken_out_of_zklbs_configuration_and_nothing_else() {
         let rendered = render_envoy_config(10000, 9901, 18000);
         let cluster = zklb_wire::cluster_name("echo");
-        let without = without_zklb_filter(&rendered, &cluster).expect("derives");
-        for gone in [
-            "envoy.bootstrap.wasm",
-            "envoy.filters.http.wasm",
-            "zklb_filter.wasm\"",
-        ] {
-            assert!(!without.contains(gone), "{gone} is left:\n{without}");
+        let without = without_zklb_filter(&rendered, Some(&cluster)).expect("derives");
+        let by_header = without_zklb_filter(&rendered, None).expect("derives");
+        for derived in [&without, &by_header] {
+            for gone in [
+                "envoy.bootstrap.wasm",
+                "envoy.filters.http.wasm",
+                "zklb_filter.wasm\"",
+            ] {
+                assert!(!derived.contains(gone), "{gone} is left:\n{derived}");
+            }
+            for kept in [
+                "ads_config:",
+                "cds_config:",
+                "envoy.filters.http.router",
+                "retry_host_predicate:",
+                "zklb_control_plane",
+                "use_remote_address: true",
+            ] {
+                assert!(derived.contains(kept), "{kept} is gone:\n{derived}");
+            }
         }
         assert!(!without.contains("cluster_header"), "{without}");
         assert_eq!(
             without.matches(&format!("cluster: {cluster}")).count(),
             rendered.matches("cluster_header:").count()
         );
-        for kept in [
-            "ads_config:",
-            "cds_config:",
-            "envoy.filters.http.router",
-            "retry_host_predicate:",
-            "zklb_control_plane",
-            "use_remote_address: true",
-        ] {
-            assert!(without.contains(kept), "{kept} is gone:\n{without}");
-        }
+        assert_eq!(
+            by_header.matches("cluster_header:").count(),
+            rendered.matches("cluster_header:").count()
+        );
         let dir = tempfile::tempdir().expect("temporary directory");
-        let config = dir.path().join("envoy.yaml");
-        std::fs::write(&config, &without).expect("writing");
-        if let Err(reasons) = validate_envoy_config(&config) {
-            panic!("envoy rejected zklb's configuration without the filter:\n{reasons}");
+        for (name, derived) in [("without", &without), ("by_header", &by_header)] {
+            let config = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&config, derived).expect("writing");
+            if let Err(reasons) = validate_envoy_config(&config) {
+                panic!("envoy rejected zklb's configuration without the filter:\n{reasons}");
+            }
         }
     }
 

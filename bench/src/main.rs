@@ -67,6 +67,10 @@ struct Args {
     /// BENCHMARKS.md is left as it is.
     #[arg(long, value_delimiter = ',')]
     compare_filters: Vec<PathBuf>,
+    /// Rounds of `--compare-filters` (default 15, 5 with `--quick`): a difference of a
+    /// microsecond or two needs more than the default.
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -176,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("--compare-filters needs two builds at least, comma-separated");
         }
         let settings = filter_comparison::Settings {
-            rounds: if args.quick { 5 } else { 15 },
+            rounds: args.rounds.unwrap_or(if args.quick { 5 } else { 15 }),
             round: Duration::from_secs(5),
             connections: 25,
         };

@@ -246,8 +246,13 @@ fn breakdown_table(out: &mut String, rounds: &[Round]) {
             split.cluster_setup_us,
         ),
         (
-            "the filter's own work",
-            "`zklb` − `noop_wasm` − cluster setup",
+            "Envoy following the filter's decision (cluster header, candidates)",
+            "`zklb_headers_from_client` − `zklb_without_filter`",
+            split.following_decision_us,
+        ),
+        (
+            "the filter's own work (its VM and host calls)",
+            "`zklb` − `noop_wasm` − (`zklb_headers_from_client` − `native_random`)",
             split.filter_work_us,
         ),
         ("zklb in all", "`zklb` − `native_random`", split.zklb_us),

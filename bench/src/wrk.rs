@@ -26,17 +26,22 @@ pub async fn run(
     connections: u32,
     duration: Duration,
 ) -> anyhow::Result<WrkReport> {
+    run_with_headers(url, &[format!("Host: {host}")], connections, duration).await
+}
+
+/// [`run`] sending `headers` (`Name: value` each) with every request.
+pub async fn run_with_headers(
+    url: &str,
+    headers: &[String],
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<WrkReport> {
     let seconds = duration.as_secs().max(1);
     let run = Command::new("wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
-        .args([
-            "--latency",
-            "--timeout",
-            "5s",
-            "-H",
-            &format!("Host: {host}"),
-            url,
-        ])
+        .args(["--latency", "--timeout", "5s"])
+        .args(headers.iter().flat_map(|header| ["-H", header.as_str()]))
+        .arg(url)
         .kill_on_drop(true)
         .output();
     // wrk stops itself after its duration; the margin only guards against a hang.
