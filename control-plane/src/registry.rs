@@ -387,10 +387,6 @@ impl Registry {
             for host in previous.host_names() {
                 if let Some(users) = self.host_users.get_mut(host) {
                     users.remove(&(index, path.to_string()));
-                    if users.is_empty() {
-                        self.host_users.remove(host);
-                        self.resolutions.forget(host);
-                    }
                 }
             }
             self.dirty.insert(name);
@@ -409,6 +405,14 @@ impl Registry {
                     .insert((index, path.to_string()));
             }
             self.dirty.insert(name);
+        }
+        // A name is forgotten only once nothing uses it: a service that changed and still
+        // names a host keeps its resolution, which is not looked up again before the refresh.
+        for host in previous.iter().flat_map(Found::host_names) {
+            if self.host_users.get(host).is_some_and(BTreeSet::is_empty) {
+                self.host_users.remove(host);
+                self.resolutions.forget(host);
+            }
         }
     }
 
@@ -890,6 +894,10 @@ mod tests {
             registry.publication().problems.unresolved["gone.internal"],
             "not found"
         );
+        // A change to the service keeps the address its other instances' names resolved to:
+        // they are not looked up again before the refresh interval.
+        let kept = &registry.publication().services["a"].instances[0];
+        assert_eq!((kept.id.as_str(), kept.address.as_str()), ("1", "10.0.0.1"));
         registry.apply_deletion("/services/a/2");
         registry.refresh();
         registry.publish();
