@@ -76,7 +76,8 @@ pub fn endpoints_yaml(ports: &[u16]) -> String {
         .collect()
 }
 
-/// zklb's rendered configuration without the zklb filter: no poller, no HTTP filter. With
+/// zklb's rendered configuration without the zklb filter: no poller, no HTTP filter, no outcome
+/// header (it is there for the filter alone). With
 /// `cluster`, the routes send every request to it (one service's cluster from the control plane)
 /// instead of the cluster the filter names; without, they still route by the cluster header, and
 /// `override_host` still follows the candidate header, whoever wrote them: the client, here. What
@@ -91,13 +92,20 @@ pub fn without_zklb_filter(rendered: &str, cluster: Option<&str>) -> anyhow::Res
         line.trim() == "- name: envoy.filters.http.wasm"
     })
     .context("no wasm HTTP filter in zklb's configuration")?;
+    let outcome = block(&lines, |line| line.trim() == "response_headers_to_add:")
+        .filter(|outcome| {
+            lines[outcome.clone()]
+                .iter()
+                .any(|line| line.contains(zklb_wire::OUTCOME_HEADER))
+        })
+        .context("no outcome header in zklb's configuration")?;
     let routed_by_filter = format!("cluster_header: {}", zklb_wire::CLUSTER_HEADER);
     if !rendered.contains(&routed_by_filter) {
         bail!("zklb's routes do not follow {}", zklb_wire::CLUSTER_HEADER);
     }
     let mut kept = String::new();
     for (index, line) in lines.iter().enumerate() {
-        if poller.contains(&index) || filter.contains(&index) {
+        if poller.contains(&index) || filter.contains(&index) || outcome.contains(&index) {
             continue;
         }
         kept.push_str(line);
@@ -216,6 +224,7 @@ mod tests {
                 "envoy.bootstrap.wasm",
                 "envoy.filters.http.wasm",
                 "zklb_filter.wasm\"",
+                zklb_wire::OUTCOME_HEADER,
             ] {
                 assert!(!derived.contains(gone), "{gone} is left:\n{derived}");
             }

@@ -19,6 +19,10 @@ use proxy_wasm::types::MetricType;
 
 use crate::balancer::Policy;
 
+/// The gauge of the list version the poller last published. Workers read it on every request:
+/// reading a number costs Envoy less than a shared-data read, which copies bytes into the VM.
+pub const LIST_VERSION: &str = "zklb.list_version";
+
 /// Metric ids by name, defined on first use (names carry service names, which come and go).
 /// Counters are added up here and handed to Envoy by [`Metrics::flush`] (every worker tick):
 /// a request costs no host call for them.

@@ -8,7 +8,7 @@ use zklb_wire::{ServiceChanges, Version};
 
 use crate::answer::{self, PollError};
 use crate::config::PollerConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::shared::{service_key, Index, Publication, INDEX_KEY, VERSION_KEY};
 
 /// Extra time Envoy gives a poll beyond the control plane's hold, so that a held poll ends with
@@ -187,7 +187,7 @@ impl Poller {
         self.published = Some(changes.version);
         self.last_sync_ms = changes.freshness.last_sync;
         self.metrics.set(
-            "zklb.list_version",
+            metrics::LIST_VERSION,
             u64::try_from(changes.version).unwrap_or(0),
         );
         Ok(())

@@ -13,8 +13,8 @@ use zklb_wire::{ErrorBody, Service, Version};
 
 use crate::balancer::{Policy, Preferences};
 use crate::config::RouterConfig;
-use crate::ejection::{attempts_outcomes, EjectionPolicy, Ejections, Outcome};
-use crate::metrics::Metrics;
+use crate::ejection::{attempts_outcomes, parse_outcome, EjectionPolicy, Ejections, Outcome};
+use crate::metrics::{self, Metrics};
 use crate::plan::plan_request;
 use crate::shared::{service_key, Index, EJECTIONS_KEY, INDEX_KEY, VERSION_KEY};
 use crate::table::ServiceTable;
@@ -30,27 +30,48 @@ pub struct RouterRoot {
     rng: Rc<RefCell<SmallRng>>,
 }
 
-/// The worker's service table, the versions of its services, and the shared-data version it
-/// was loaded from.
+/// The worker's service table, the versions of its services, and the index version it was
+/// loaded from.
 #[derive(Default)]
 struct LoadedTable {
     table: ServiceTable,
     services: BTreeMap<String, Version>,
     /// `None` until the poller's first list is loaded.
-    version: Option<Vec<u8>>,
+    version: Option<Version>,
+    /// The poller's list-version gauge when a request last looked.
+    signalled: Option<u64>,
 }
 
 impl LoadedTable {
-    /// Loads what moved if the poller's version did. Checked on every request: one small
-    /// shared-data read, so that a worker routes by a new list as soon as the poller has it,
-    /// not on a timer; then only the services whose version moved are read and parsed.
-    fn refresh(&mut self) {
-        let Ok((Some(version), _)) = hostcalls::get_shared_data(VERSION_KEY) else {
-            return;
-        };
-        if self.version.as_ref() == Some(&version) {
+    /// Checked on every request, so that a worker routes by a new list as soon as the poller
+    /// has it, not on a timer: the poller's list-version gauge, one host call that hands back a
+    /// number. Only when it moved is the index read.
+    fn refresh_if_signalled(&mut self, metrics: &mut Metrics) {
+        let signalled = metrics.gauge(metrics::LIST_VERSION);
+        if self.signalled == Some(signalled) {
             return;
         }
+        self.signalled = Some(signalled);
+        self.load_index();
+    }
+
+    /// Checked on the worker's tick: the version in shared data, which moves whatever the stats
+    /// configuration does with the gauge (a stats matcher that rejects it holds it at 0).
+    fn refresh_from_shared_version(&mut self) {
+        let Ok((Some(bytes), _)) = hostcalls::get_shared_data(VERSION_KEY) else {
+            return;
+        };
+        let version = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|version| version.parse().ok());
+        if version.is_some() && version != self.version {
+            self.load_index();
+        }
+    }
+
+    /// Loads what moved since the index version loaded: only the services whose version moved
+    /// are read and parsed.
+    fn load_index(&mut self) {
         let Ok((Some(index), _)) = hostcalls::get_shared_data(INDEX_KEY) else {
             return;
         };
@@ -61,6 +82,9 @@ impl LoadedTable {
                 return;
             }
         };
+        if self.version == Some(index.version) {
+            return;
+        }
         let (load, drop) = index.diff(&self.services);
         for name in drop {
             self.table.remove(&name);
@@ -87,7 +111,7 @@ impl LoadedTable {
                 }
             }
         }
-        self.version = Some(version);
+        self.version = Some(index.version);
     }
 
     /// The table, once a list has been loaded.
@@ -195,9 +219,10 @@ fn now_ms() -> u64 {
         })
 }
 
-/// How often a worker takes up what other workers learnt of failing hosts, and flushes its
-/// counters into Envoy's stats: often enough that a host another worker ejected stops getting
-/// first attempts here within a fraction of a second, rarely enough to cost nothing per request.
+/// How often a worker takes up what other workers learnt of failing hosts, looks at the list
+/// version in shared data, and flushes its counters into Envoy's stats: often enough that a
+/// host another worker ejected stops getting first attempts here within a fraction of a second,
+/// rarely enough to cost nothing per request.
 const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl RouterRoot {
@@ -217,6 +242,7 @@ impl RouterRoot {
     }
 
     pub fn on_tick(&mut self) {
+        self.table.borrow_mut().refresh_from_shared_version();
         if self.config.ejection.is_some() {
             self.ejections.borrow_mut().refresh();
         }
@@ -279,7 +305,9 @@ impl HttpContext for Request {
             .then(|| request_header(":path"))
             .flatten();
         let resolved = routes.resolve(&authority, path.as_deref(), request_header);
-        self.table.borrow_mut().refresh();
+        self.table
+            .borrow_mut()
+            .refresh_if_signalled(&mut self.metrics.borrow_mut());
         let metrics = &self.metrics;
         let load = |address: &str| metrics.borrow_mut().gauge(&in_flight_metric(address));
         let ejections = self.ejections.borrow();
@@ -359,7 +387,12 @@ impl HttpContext for Request {
         let Some((service, candidates)) = self.routed.take() else {
             return Action::Continue;
         };
-        let response_header = |name| header_value(MapType::HttpResponseHeaders, name);
+        let outcome = self
+            .config
+            .ejection
+            .and_then(|_| header_value(MapType::HttpResponseHeaders, zklb_wire::OUTCOME_HEADER));
+        // Meant for this filter alone, whether it learns from answers or not.
+        self.set_http_response_header(zklb_wire::OUTCOME_HEADER, None);
         let upstream = || {
             hostcalls::get_property(vec!["upstream", "address"])
                 .ok()
@@ -367,10 +400,16 @@ impl HttpContext for Request {
                 .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         };
         if let Some(policy) = &self.config.ejection {
-            let attempts = attempt_count();
-            let status = response_header(":status")
-                .and_then(|status| status.parse().ok())
-                .unwrap_or(0);
+            let (attempts, status) = match outcome.as_deref().and_then(parse_outcome) {
+                Some((attempts, status)) => (Some(attempts), status),
+                // Routes that do not add the outcome header: two reads instead of one.
+                None => (
+                    attempt_count(),
+                    header_value(MapType::HttpResponseHeaders, ":status")
+                        .and_then(|status| status.parse().ok())
+                        .unwrap_or(0),
+                ),
+            };
             if attempts.is_some_and(|attempts| attempts > 1) {
                 self.metrics
                     .borrow_mut()
