@@ -76,8 +76,8 @@ pub fn endpoints_yaml(ports: &[u16]) -> String {
         .collect()
 }
 
-/// zklb's rendered configuration without the zklb filter: no poller, no HTTP filter, no outcome
-/// header (it is there for the filter alone). With
+/// zklb's rendered configuration without the zklb filter: no poller, no HTTP filter, no learner
+/// in the access log, no attempt numbering (it is there for the learner alone). With
 /// `cluster`, the routes send every request to it (one service's cluster from the control plane)
 /// instead of the cluster the filter names; without, they still route by the cluster header, and
 /// `override_host` still follows the candidate header, whoever wrote them: the client, here. What
@@ -92,20 +92,20 @@ pub fn without_zklb_filter(rendered: &str, cluster: Option<&str>) -> anyhow::Res
         line.trim() == "- name: envoy.filters.http.wasm"
     })
     .context("no wasm HTTP filter in zklb's configuration")?;
-    let outcome = block(&lines, |line| line.trim() == "response_headers_to_add:")
-        .filter(|outcome| {
-            lines[outcome.clone()]
-                .iter()
-                .any(|line| line.contains(zklb_wire::OUTCOME_HEADER))
-        })
-        .context("no outcome header in zklb's configuration")?;
+    let learner = block(&lines, |line| line.trim() == "access_log:")
+        .context("no access log (the learner) in zklb's configuration")?;
     let routed_by_filter = format!("cluster_header: {}", zklb_wire::CLUSTER_HEADER);
     if !rendered.contains(&routed_by_filter) {
         bail!("zklb's routes do not follow {}", zklb_wire::CLUSTER_HEADER);
     }
     let mut kept = String::new();
     for (index, line) in lines.iter().enumerate() {
-        if poller.contains(&index) || filter.contains(&index) || outcome.contains(&index) {
+        let numbering_attempts = line.trim() == "include_request_attempt_count: true";
+        if poller.contains(&index)
+            || filter.contains(&index)
+            || learner.contains(&index)
+            || numbering_attempts
+        {
             continue;
         }
         kept.push_str(line);
@@ -224,7 +224,8 @@ mod tests {
                 "envoy.bootstrap.wasm",
                 "envoy.filters.http.wasm",
                 "zklb_filter.wasm\"",
-                zklb_wire::OUTCOME_HEADER,
+                "envoy.access_loggers.wasm",
+                "include_request_attempt_count",
             ] {
                 assert!(!derived.contains(gone), "{gone} is left:\n{derived}");
             }

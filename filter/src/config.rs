@@ -12,11 +12,13 @@ use crate::ejection::EjectionPolicy;
 use crate::routing::{RawRule, Rules};
 
 /// What a root context was configured to be, from its JSON plugin configuration
-/// (`{"role": "poller", ...}` or `{"role": "router", ...}`).
+/// (`{"role": "poller", ...}`, `{"role": "router", ...}` or `{"role": "learner"}`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PluginConfig {
     Poller(PollerConfig),
     Router(RouterConfig),
+    /// Ejects by the routers' ejection policy, so it has no settings of its own.
+    Learner,
 }
 
 /// The singleton that fetches the service list from the control plane.
@@ -75,6 +77,10 @@ struct RawPoller {
     #[serde(default = "default_max_list_bytes")]
     max_list_bytes: usize,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLearner {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,7 +202,7 @@ impl PluginConfig {
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
         let shape = |reason: String| {
             ConfigError(format!(
-                "expected JSON {{\"role\": \"poller\" | \"router\", ...}}: {reason}"
+                "expected JSON {{\"role\": \"poller\" | \"router\" | \"learner\", ...}}: {reason}"
             ))
         };
         let mut value: serde_json::Value =
@@ -206,6 +212,10 @@ impl PluginConfig {
             _ => return Err(shape("no \"role\" string".into())),
         };
         match role.as_str() {
+            "learner" => {
+                let RawLearner {} = role_fields("learner", value)?;
+                Ok(PluginConfig::Learner)
+            }
             "poller" => {
                 let raw: RawPoller = role_fields("poller", value)?;
                 if raw.control_plane_cluster.is_empty() {
@@ -358,6 +368,18 @@ mod tests {
                 max_list_bytes: 32 * 1024 * 1024,
             })
         );
+    }
+
+    #[test]
+    fn the_learner_takes_no_settings() {
+        assert_eq!(
+            PluginConfig::parse(br#"{"role": "learner"}"#),
+            Ok(PluginConfig::Learner)
+        );
+        // Its ejection policy is the routers': one given here would be ignored, so it is refused.
+        let error = rejection(r#"{"role": "learner", "ejection": {"base_ms": 5}}"#);
+        assert!(error.starts_with("learner: "), "{error}");
+        assert!(error.contains("ejection"), "{error}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// When a host is ejected, and for how long.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EjectionPolicy {
     /// Consecutive failed attempts that eject a host.
     pub consecutive_failures: u32,
@@ -143,13 +143,6 @@ pub fn attempts_outcomes<'a>(
     outcomes
 }
 
-/// The attempts and the status of [`zklb_wire::OUTCOME_HEADER`]'s `<attempts> <status>`, or
-/// `None` if the value is not that.
-pub fn parse_outcome(value: &str) -> Option<(usize, u32)> {
-    let (attempts, status) = value.trim().split_once(' ')?;
-    Some((attempts.parse().ok()?, status.trim().parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,14 +240,5 @@ mod tests {
             attempts_outcomes("a:1", 2, Some("z:9"), 200),
             [("a:1", Outcome::Failure), ("z:9", Outcome::Success)]
         );
-    }
-
-    #[test]
-    fn the_outcome_header_reads_as_attempts_and_status() {
-        assert_eq!(parse_outcome("1 200"), Some((1, 200)));
-        assert_eq!(parse_outcome("3 0"), Some((3, 0)));
-        for garbage in ["", "1", "200", "one 200", "1 two", "1 200 3", "-1 200"] {
-            assert_eq!(parse_outcome(garbage), None, "{garbage:?}");
-        }
     }
 }

@@ -1,19 +1,23 @@
 //! zklb's Envoy filter (proxy-wasm).
 //!
-//! Two roles share one wasm module and one `vm_id`, so that they share Envoy's shared data:
+//! Three roles share one wasm module and one `vm_id`, so that they share Envoy's shared data:
 //! - the **poller** ([`poller`]), a singleton bootstrap service, long-polls the control plane
 //!   through Envoy and publishes the service list into shared data;
 //! - the **router** ([`router`]), the HTTP filter in every worker, reloads the list as soon as
 //!   a request sees its version change and, per request, maps the request to a service ([`table`]) and writes the
-//!   ordered candidate hosts ([`balancer`]) that Envoy's `override_host` policy follows.
+//!   ordered candidate hosts ([`balancer`]) that Envoy's `override_host` policy follows;
+//! - the **learner** (`learner`), in Envoy's access log, which sees only the requests that
+//!   failed somewhere and ejects failing hosts for every worker ([`ejection`]).
 //!
-//! Everything that decides lives in plain modules that are unit-tested natively; only `poller`
-//! and `router` talk to the proxy-wasm host.
+//! Everything that decides lives in plain modules that are unit-tested natively; only `poller`,
+//! `router`, `learner` and their small host helpers talk to the proxy-wasm host.
 
 pub mod answer;
 pub mod balancer;
 pub mod config;
 pub mod ejection;
+mod host;
+mod learner;
 pub mod plan;
 pub mod routing;
 pub mod shared;
@@ -22,6 +26,7 @@ pub mod table;
 mod metrics;
 mod poller;
 mod router;
+mod shared_ejections;
 
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -38,6 +43,7 @@ enum Root {
     Unconfigured,
     Poller(Box<poller::Poller>),
     Router(router::RouterRoot),
+    Learner(learner::Learner),
 }
 
 impl Context for Root {
@@ -55,6 +61,13 @@ impl Context for Root {
 }
 
 impl RootContext for Root {
+    /// Envoy's access log calls the learner's root context for each request it passes on.
+    fn on_log(&mut self) {
+        if let Root::Learner(learner) = self {
+            learner.on_log();
+        }
+    }
+
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match PluginConfig::parse(&bytes) {
@@ -64,6 +77,10 @@ impl RootContext for Root {
             }
             Ok(PluginConfig::Router(config)) => {
                 *self = Root::Router(router::RouterRoot::start(config));
+                true
+            }
+            Ok(PluginConfig::Learner) => {
+                *self = Root::Learner(learner::Learner::start());
                 true
             }
             Err(error) => {
@@ -77,7 +94,7 @@ impl RootContext for Root {
         match self {
             Root::Poller(poller) => poller.on_tick(),
             Root::Router(router) => router.on_tick(),
-            Root::Unconfigured => {}
+            Root::Learner(_) | Root::Unconfigured => {}
         }
     }
 

@@ -9,6 +9,8 @@
 //! - `zklb.inflight.<ip:port>`: requests in flight at a host, for `least_request` services;
 //! - `zklb.list_version` and `zklb.list_age_seconds`: the service list in use and how long ago
 //!   the control plane last read ZooKeeper for it;
+//! - `zklb.shared_changes`: changes to the lists and the ejections that workers share, counted
+//!   so that every worker looks again;
 //! - `zklb.poll_errors.<reason>`: list polls that left the last good list in place
 //!   (`unreachable`, `status`, `too_large`, `unparsable`, `not_stored`).
 
@@ -19,9 +21,12 @@ use proxy_wasm::types::MetricType;
 
 use crate::balancer::Policy;
 
-/// The gauge of the list version the poller last published. Workers read it on every request:
-/// reading a number costs Envoy less than a shared-data read, which copies bytes into the VM.
+/// The gauge of the list version the poller last published.
 pub const LIST_VERSION: &str = "zklb.list_version";
+/// The gauge counting changes to what workers share (lists, ejections): routers read it on every
+/// request, since reading a number costs Envoy less than a shared-data read, which copies bytes
+/// into the VM.
+pub const SHARED_CHANGES: &str = "zklb.shared_changes";
 
 /// Metric ids by name, defined on first use (names carry service names, which come and go).
 /// Counters are added up here and handed to Envoy by [`Metrics::flush`] (every worker tick):

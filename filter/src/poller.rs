@@ -190,6 +190,7 @@ impl Poller {
             metrics::LIST_VERSION,
             u64::try_from(changes.version).unwrap_or(0),
         );
+        self.metrics.add(metrics::SHARED_CHANGES, 1);
         Ok(())
     }
 

@@ -1,22 +1,27 @@
 //! The HTTP filter: per request, the service and its ordered candidate hosts.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType, Status};
+use proxy_wasm::types::Action;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use zklb_wire::{ErrorBody, Service, Version};
 
 use crate::balancer::{Policy, Preferences};
 use crate::config::RouterConfig;
-use crate::ejection::{attempts_outcomes, parse_outcome, EjectionPolicy, Ejections, Outcome};
+use crate::ejection::{attempts_outcomes, EjectionPolicy, Outcome};
+use crate::host::{attempts_and_status, request_header, upstream_address};
 use crate::metrics::{self, Metrics};
 use crate::plan::plan_request;
-use crate::shared::{service_key, Index, EJECTIONS_KEY, INDEX_KEY, VERSION_KEY};
+use crate::shared::{
+    service_key, Index, CANDIDATES_PROPERTY, EJECTION_POLICY_KEY, INDEX_KEY, LEARNER_KEY,
+    VERSION_KEY,
+};
+use crate::shared_ejections::{now_ms, SharedEjections};
 use crate::table::ServiceTable;
 
 /// One per worker: that worker's copy of the service table, shared by its requests.
@@ -28,6 +33,17 @@ pub struct RouterRoot {
     ejections: Rc<RefCell<SharedEjections>>,
     metrics: Rc<RefCell<Metrics>>,
     rng: Rc<RefCell<SmallRng>>,
+    sightings: Rc<Sightings>,
+}
+
+/// What this worker last saw of the signals in shared state.
+#[derive(Default)]
+struct Sightings {
+    /// The gauge counting changes to shared data, when a request last looked.
+    changes: Cell<Option<u64>>,
+    /// Whether the learner runs in Envoy's access log (it says so in shared data): then failing
+    /// requests are its to learn from, and the router reads no answer it need not.
+    learner: Cell<bool>,
 }
 
 /// The worker's service table, the versions of its services, and the index version it was
@@ -38,26 +54,11 @@ struct LoadedTable {
     services: BTreeMap<String, Version>,
     /// `None` until the poller's first list is loaded.
     version: Option<Version>,
-    /// The poller's list-version gauge when a request last looked.
-    signalled: Option<u64>,
 }
 
 impl LoadedTable {
-    /// Checked on every request, so that a worker routes by a new list as soon as the poller
-    /// has it, not on a timer: the poller's list-version gauge, one host call that hands back a
-    /// number. Only when it moved is the index read.
-    fn refresh_if_signalled(&mut self, metrics: &mut Metrics) {
-        let signalled = metrics.gauge(metrics::LIST_VERSION);
-        if self.signalled == Some(signalled) {
-            return;
-        }
-        self.signalled = Some(signalled);
-        self.load_index();
-    }
-
-    /// Checked on the worker's tick: the version in shared data, which moves whatever the stats
-    /// configuration does with the gauge (a stats matcher that rejects it holds it at 0).
-    fn refresh_from_shared_version(&mut self) {
+    /// Loads the poller's list if its version moved.
+    fn refresh(&mut self) {
         let Ok((Some(bytes), _)) = hostcalls::get_shared_data(VERSION_KEY) else {
             return;
         };
@@ -120,105 +121,6 @@ impl LoadedTable {
     }
 }
 
-/// The ejection table as this worker last read it from shared data.
-#[derive(Default)]
-struct SharedEjections {
-    table: Ejections,
-    /// The shared entry's compare-and-swap token when read; `None` forces the next read.
-    cas: Option<u32>,
-}
-
-/// Tries at writing the shared table before an outcome is given up (another worker wrote it
-/// each time in between).
-const CAS_ATTEMPTS: usize = 8;
-
-impl SharedEjections {
-    /// Reads the shared table if another worker changed it.
-    fn refresh(&mut self) {
-        let Ok((bytes, cas)) = hostcalls::get_shared_data(EJECTIONS_KEY) else {
-            return;
-        };
-        if cas.is_some() && cas == self.cas {
-            return;
-        }
-        self.table = parse_ejections(bytes.as_deref());
-        self.cas = cas;
-    }
-
-    /// Records what a finished request says about its hosts, with compare-and-swap so that no
-    /// worker's outcome overwrites another's.
-    fn record(
-        &mut self,
-        outcomes: &[(&str, Outcome)],
-        now_ms: u64,
-        policy: &EjectionPolicy,
-        metrics: &mut Metrics,
-    ) {
-        // A success of a host without a record changes nothing: a healthy fleet writes nothing.
-        let unchanging = outcomes
-            .iter()
-            .all(|(host, outcome)| *outcome == Outcome::Success && !self.table.knows(host));
-        if unchanging {
-            return;
-        }
-        for _ in 0..CAS_ATTEMPTS {
-            let Ok((bytes, cas)) = hostcalls::get_shared_data(EJECTIONS_KEY) else {
-                return;
-            };
-            let mut table = parse_ejections(bytes.as_deref());
-            let mut changed = false;
-            for (host, outcome) in outcomes {
-                changed |= table.record(host, *outcome, now_ms, policy);
-            }
-            if !changed {
-                self.table = table;
-                self.cas = cas;
-                return;
-            }
-            let json = serde_json::to_vec(&table).unwrap_or_default();
-            match hostcalls::set_shared_data(EJECTIONS_KEY, Some(&json), cas) {
-                Ok(()) => {
-                    let newly: Vec<&str> = table
-                        .ejected(now_ms)
-                        .filter(|host| !self.table.is_ejected(host, now_ms))
-                        .collect();
-                    for host in &newly {
-                        log::warn!("zklb: ejecting {host} after consecutive failures");
-                    }
-                    if !newly.is_empty() {
-                        metrics.count("zklb.ejections", newly.len() as i64);
-                    }
-                    metrics.set("zklb.ejected_hosts", table.ejected(now_ms).count() as u64);
-                    self.table = table;
-                    self.cas = None;
-                    return;
-                }
-                Err(Status::CasMismatch) => continue,
-                Err(status) => {
-                    log::error!("zklb: cannot share host failures: {status:?}");
-                    return;
-                }
-            }
-        }
-    }
-}
-
-fn parse_ejections(bytes: Option<&[u8]>) -> Ejections {
-    bytes
-        .filter(|bytes| !bytes.is_empty())
-        .and_then(|bytes| serde_json::from_slice(bytes).ok())
-        .unwrap_or_default()
-}
-
-fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|now| now.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
 /// How often a worker takes up what other workers learnt of failing hosts, looks at the list
 /// version in shared data, and flushes its counters into Envoy's stats: often enough that a
 /// host another worker ejected stops getting first attempts here within a fraction of a second,
@@ -228,6 +130,14 @@ const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 impl RouterRoot {
     pub fn start(config: RouterConfig) -> RouterRoot {
         let zone = config.zone.clone().or_else(node_zone);
+        // For the learner, so that it ejects by the router's policy; empty when ejection is off.
+        let policy = config
+            .ejection
+            .map(|policy| serde_json::to_vec(&policy).unwrap_or_default())
+            .unwrap_or_default();
+        if let Err(status) = hostcalls::set_shared_data(EJECTION_POLICY_KEY, Some(&policy), None) {
+            log::error!("zklb router: cannot share the ejection policy: {status:?}");
+        }
         if let Err(status) = hostcalls::set_tick_period(TICK) {
             log::error!("zklb router: cannot set a tick: {status:?}");
         }
@@ -238,14 +148,14 @@ impl RouterRoot {
             ejections: Rc::new(RefCell::new(SharedEjections::default())),
             metrics: Rc::new(RefCell::new(Metrics::default())),
             rng: Rc::new(RefCell::new(seeded_rng())),
+            sightings: Rc::new(Sightings::default()),
         }
     }
 
+    /// Whatever the gauge says: it stays at 0 where a stats matcher rejects it.
     pub fn on_tick(&mut self) {
-        self.table.borrow_mut().refresh_from_shared_version();
-        if self.config.ejection.is_some() {
-            self.ejections.borrow_mut().refresh();
-        }
+        take_up_shared_changes(&self.config, &self.table, &self.ejections);
+        self.sightings.learner.set(learner_runs());
         self.metrics.borrow_mut().flush();
     }
 
@@ -257,6 +167,7 @@ impl RouterRoot {
             ejections: Rc::clone(&self.ejections),
             metrics: Rc::clone(&self.metrics),
             rng: Rc::clone(&self.rng),
+            sightings: Rc::clone(&self.sightings),
             routed: None,
             in_flight: None,
         }
@@ -277,6 +188,26 @@ fn seeded_rng() -> SmallRng {
     })
 }
 
+/// Reads the list and the ejection table again where they moved in shared data.
+fn take_up_shared_changes(
+    config: &RouterConfig,
+    table: &RefCell<LoadedTable>,
+    ejections: &RefCell<SharedEjections>,
+) {
+    table.borrow_mut().refresh();
+    if config.ejection.is_some() {
+        ejections.borrow_mut().refresh();
+    }
+}
+
+/// Whether a learner has said it runs.
+fn learner_runs() -> bool {
+    hostcalls::get_shared_data(LEARNER_KEY)
+        .ok()
+        .and_then(|(bytes, _)| bytes)
+        .is_some_and(|bytes| !bytes.is_empty())
+}
+
 pub struct Request {
     config: Rc<RouterConfig>,
     zone: Rc<Option<String>>,
@@ -284,10 +215,54 @@ pub struct Request {
     ejections: Rc<RefCell<SharedEjections>>,
     metrics: Rc<RefCell<Metrics>>,
     rng: Rc<RefCell<SmallRng>>,
+    sightings: Rc<Sightings>,
     /// The service and candidates of this request, to learn from its outcome.
     routed: Option<(Rc<str>, String)>,
     /// The in-flight gauge this request counts in, until it ends.
     in_flight: Option<String>,
+}
+
+impl Request {
+    /// Checked on every request, so that a worker routes by a new list, and away from a host
+    /// another worker ejected, as soon as they are shared rather than on the next tick: the
+    /// gauge that counts changes to shared data, one host call that hands back a number (a
+    /// shared-data read makes Envoy call into the VM to allocate what it copies). Only when the
+    /// gauge moved is shared data read.
+    fn take_up_signalled_changes(&self) {
+        let changes = self.metrics.borrow_mut().gauge(metrics::SHARED_CHANGES);
+        if self.sightings.changes.replace(Some(changes)) != Some(changes) {
+            take_up_shared_changes(&self.config, &self.table, &self.ejections);
+        }
+    }
+
+    /// Learns from every answer, where no learner runs in Envoy's access log: two reads per
+    /// request.
+    fn learn(&self, service: &str, candidates: &str, policy: &EjectionPolicy) {
+        let (attempts, status) = attempts_and_status();
+        if attempts.is_some_and(|attempts| attempts > 1) {
+            self.metrics
+                .borrow_mut()
+                .count(&format!("zklb.retried.{service}"), 1);
+        }
+        let first = candidates.split(',').next().unwrap_or_default();
+        // The common case, a first attempt that answered for a host without a record, changes
+        // nothing: no more host calls.
+        let uneventful =
+            attempts == Some(1) && status < 500 && !self.ejections.borrow().table.knows(first);
+        if uneventful {
+            return;
+        }
+        let upstream = upstream_address();
+        if let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) {
+            let outcomes = attempts_outcomes(candidates, attempts, upstream.as_deref(), status);
+            self.ejections.borrow_mut().record(
+                &outcomes,
+                now_ms(),
+                policy,
+                &mut self.metrics.borrow_mut(),
+            );
+        }
+    }
 }
 
 impl Context for Request {}
@@ -305,9 +280,7 @@ impl HttpContext for Request {
             .then(|| request_header(":path"))
             .flatten();
         let resolved = routes.resolve(&authority, path.as_deref(), request_header);
-        self.table
-            .borrow_mut()
-            .refresh_if_signalled(&mut self.metrics.borrow_mut());
+        self.take_up_signalled_changes();
         let metrics = &self.metrics;
         let load = |address: &str| metrics.borrow_mut().gauge(&in_flight_metric(address));
         let ejections = self.ejections.borrow();
@@ -340,6 +313,14 @@ impl HttpContext for Request {
                 // never steers routing. A refused request goes nowhere, with or without them.
                 self.set_http_request_header(zklb_wire::CLUSTER_HEADER, Some(&plan.cluster));
                 self.set_http_request_header(zklb_wire::CANDIDATES_HEADER, Some(&plan.candidates));
+                // The header leaves before the request goes upstream; the learner, if the
+                // request fails, finds the candidates here.
+                if self.sightings.learner.get() && self.config.ejection.is_some() {
+                    let _ = hostcalls::set_property(
+                        vec![CANDIDATES_PROPERTY],
+                        Some(plan.candidates.as_bytes()),
+                    );
+                }
                 if let Some(path) = resolved
                     .as_ref()
                     .and_then(|resolved| resolved.path.as_deref())
@@ -387,56 +368,28 @@ impl HttpContext for Request {
         let Some((service, candidates)) = self.routed.take() else {
             return Action::Continue;
         };
-        let outcome = self
-            .config
-            .ejection
-            .and_then(|_| header_value(MapType::HttpResponseHeaders, zklb_wire::OUTCOME_HEADER));
-        // Meant for this filter alone, whether it learns from answers or not.
-        self.set_http_response_header(zklb_wire::OUTCOME_HEADER, None);
-        let upstream = || {
-            hostcalls::get_property(vec!["upstream", "address"])
-                .ok()
-                .flatten()
-                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        };
-        if let Some(policy) = &self.config.ejection {
-            let (attempts, status) = match outcome.as_deref().and_then(parse_outcome) {
-                Some((attempts, status)) => (Some(attempts), status),
-                // Routes that do not add the outcome header: two reads instead of one.
-                None => (
-                    attempt_count(),
-                    header_value(MapType::HttpResponseHeaders, ":status")
-                        .and_then(|status| status.parse().ok())
-                        .unwrap_or(0),
-                ),
-            };
-            if attempts.is_some_and(|attempts| attempts > 1) {
-                self.metrics
-                    .borrow_mut()
-                    .count(&format!("zklb.retried.{service}"), 1);
-            }
+        if let Some(policy) = self.config.ejection {
             let first = candidates.split(',').next().unwrap_or_default();
-            // The common case, a first attempt that answered for a host without a record,
-            // changes nothing: no more host calls.
-            let uneventful =
-                attempts == Some(1) && status < 500 && !self.ejections.borrow().table.knows(first);
-            if !uneventful {
-                let upstream = upstream();
-                if let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) {
-                    let outcomes =
-                        attempts_outcomes(&candidates, attempts, upstream.as_deref(), status);
-                    self.ejections.borrow_mut().record(
-                        &outcomes,
-                        now_ms(),
-                        policy,
-                        &mut self.metrics.borrow_mut(),
-                    );
+            if !self.sightings.learner.get() {
+                self.learn(&service, &candidates, &policy);
+            } else if self.ejections.borrow().table.knows(first) {
+                // Failing requests go to the learner; a first attempt that answered is this
+                // filter's to see, for a host with a record, which the success clears.
+                if let (Some(1), status) = attempts_and_status() {
+                    if status < 500 {
+                        self.ejections.borrow_mut().record(
+                            &[(first, Outcome::Success)],
+                            now_ms(),
+                            &policy,
+                            &mut self.metrics.borrow_mut(),
+                        );
+                    }
                 }
             }
         }
         if self.config.debug_headers {
             self.set_http_response_header(zklb_wire::CANDIDATES_HEADER, Some(&candidates));
-            if let Some(upstream) = upstream() {
+            if let Some(upstream) = upstream_address() {
                 self.set_http_response_header(zklb_wire::UPSTREAM_HEADER, Some(&upstream));
             }
         }
@@ -455,28 +408,4 @@ fn node_zone() -> Option<String> {
         .ok()
         .flatten()?;
     String::from_utf8(zone).ok().filter(|zone| !zone.is_empty())
-}
-
-fn request_header(name: &str) -> Option<String> {
-    header_value(MapType::HttpRequestHeaders, name)
-}
-
-/// A header, read as bytes: the SDK's string getter panics on a value that is not UTF-8. Such a
-/// value names no service, and is refused as unknown.
-fn header_value(map: MapType, name: &str) -> Option<String> {
-    hostcalls::get_map_value_bytes(map, name)
-        .ok()
-        .flatten()
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// How many attempts Envoy made for this request (attempt k went to candidate k), from its
-/// `upstream.request_attempt_count` attribute: an unsigned 64-bit integer, in the host's byte
-/// order.
-fn attempt_count() -> Option<usize> {
-    let bytes = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
-        .ok()
-        .flatten()?;
-    let count = u64::from_le_bytes(bytes.as_slice().try_into().ok()?);
-    usize::try_from(count).ok()
 }

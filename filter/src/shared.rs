@@ -17,6 +17,13 @@ pub const INDEX_KEY: &str = "zklb.services.index";
 
 /// The [`crate::ejection::Ejections`] of every worker.
 pub const EJECTIONS_KEY: &str = "zklb.ejections";
+/// The routers' [`crate::ejection::EjectionPolicy`], for the learner (empty: ejection is off).
+pub const EJECTION_POLICY_KEY: &str = "zklb.ejection_policy";
+/// The request's property (Envoy filter state) in which the router leaves its candidates for the
+/// learner.
+pub const CANDIDATES_PROPERTY: &str = "zklb_candidates";
+/// Non-empty once a learner runs in Envoy's access log.
+pub const LEARNER_KEY: &str = "zklb.learner";
 
 /// The shared-data entry holding one service's JSON.
 pub fn service_key(name: &str) -> String {

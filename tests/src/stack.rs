@@ -637,8 +637,8 @@ impl Envoy {
         envoy
     }
 
-    /// Envoy with `config` written into `dir`.
-    async fn start_rendered(
+    /// Envoy with `config` (a rendering of the template) written into `dir`, once live.
+    pub async fn start_rendered(
         config: String,
         listen_port: u16,
         admin_port: u16,

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use serde_json::json;
-use zklb_tests::stack::{assert_all_served, free_port};
+use zklb_tests::stack::{
+    assert_all_served, free_port, render_envoy_config, with_router_options, ControlPlane, Envoy,
+    ZooKeeper,
+};
 use zklb_tests::{eventually, Stack};
 use zookeeper_client::{Acls, CreateMode};
 
@@ -104,11 +107,64 @@ async fn dead_and_failing_backends_cost_no_client_errors() {
     );
 }
 
+/// Short ejections, so that readmission is quick to see.
+const SHORT_EJECTIONS: &str = r#""ejection": {"base_ms": 1000, "max_ms": 2000}"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_host_is_ejected_by_every_worker_and_readmitted_when_it_returns() {
-    // Short ejections, so that readmission is quick to see.
-    let stack =
-        Stack::start_with_router_options(r#""ejection": {"base_ms": 1000, "max_ms": 2000}"#).await;
+    let stack = Stack::start_with_router_options(SHORT_EJECTIONS).await;
+    a_dead_host_is_ejected_and_readmitted(&stack).await;
+    // Failing requests reach the learner in Envoy's access log, and it ejects.
+    assert!(
+        stack
+            .envoy
+            .log()
+            .lines()
+            .any(|line| line.contains("zklb_learner") && line.contains("ejecting")),
+        "the learner ejected nothing"
+    );
+}
+
+/// With an Envoy configuration of a user's own that has no learner in its access log, the
+/// routers learn from every answer themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_learner_the_routers_eject_a_dead_host_themselves() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let zookeeper = ZooKeeper::start(dir.path()).await;
+    let control_plane = ControlPlane::start(&zookeeper, "/services", dir.path()).await;
+    let (listen_port, admin_port) = (free_port(), free_port());
+    let shipped = render_envoy_config(listen_port, admin_port, control_plane.port);
+    let config = without_learner(&with_router_options(&shipped, SHORT_EJECTIONS));
+    let envoy = Envoy::start_rendered(config, listen_port, admin_port, 2, dir.path()).await;
+    let stack = Stack::around(zookeeper, control_plane, envoy, "/services", dir).await;
+    a_dead_host_is_ejected_and_readmitted(&stack).await;
+    assert!(
+        stack
+            .envoy
+            .log()
+            .lines()
+            .any(|line| line.contains("zklb_router") && line.contains("ejecting")),
+        "the routers ejected nothing"
+    );
+}
+
+/// `config` without the access log that runs the learner.
+fn without_learner(config: &str) -> String {
+    let start = config
+        .find("                access_log:\n")
+        .expect("the template has an access log");
+    let end = start
+        + config[start..]
+            .find("                route_config:\n")
+            .expect("the route configuration follows the access log");
+    let config = format!("{}{}", &config[..start], &config[end..]);
+    assert!(!config.contains("envoy.access_loggers.wasm"), "{config}");
+    config
+}
+
+/// A registration whose process is gone is ejected, costs next to no retries while it is, and
+/// gets traffic again once a process listens on its port.
+async fn a_dead_host_is_ejected_and_readmitted(stack: &Stack) {
     let _live = stack.serving("echo", &["b1", "b2", "b3"]).await;
 
     // A registration whose process is gone: nothing listens on its port.

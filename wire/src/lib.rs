@@ -16,11 +16,6 @@ pub const CANDIDATES_HEADER: &str = "x-zklb-candidates";
 /// (they also echo the request's candidates in [`CANDIDATES_HEADER`]).
 pub const UPSTREAM_HEADER: &str = "x-zklb-upstream";
 
-/// Response header that Envoy's routes add to every answer for the filter, and the filter takes
-/// out: `<attempts> <status>`, Envoy's `%UPSTREAM_REQUEST_ATTEMPT_COUNT% %RESPONSE_CODE%` (status
-/// 0 when no backend answered). One header read tells the filter how the request went.
-pub const OUTCOME_HEADER: &str = "x-zklb-outcome";
-
 /// Request header in which the filter names the Envoy cluster of the chosen service; the route
 /// selects its cluster with `cluster_header`.
 pub const CLUSTER_HEADER: &str = "x-zklb-cluster";
