@@ -16,23 +16,49 @@ pub const RPS_TARGET_RATIO: f64 = 0.95;
 /// setup's share).
 pub const CPU_TARGET_RATIO: f64 = 1.05;
 
-/// The shares of Envoy's CPU per request, in µs.
+/// What each thing zklb adds costs per request, from one figure per variant (µs of CPU in one
+/// round, or instructions): the variants differ by one thing each.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shares {
+    /// `noop_wasm` − `native_random`: having any wasm filter.
+    pub any_wasm: f64,
+    /// `zklb_without_filter` − `native_random`: zklb's clusters, policy and header removal.
+    pub cluster_setup: f64,
+    /// `zklb_headers_from_client` − `zklb_without_filter`: Envoy routing by the cluster header
+    /// and `override_host` following the candidates, the decision the filter writes.
+    pub following_decision: f64,
+    /// `zklb` − `noop_wasm` − (`zklb_headers_from_client` − `native_random`): what the filter
+    /// itself does, in its VM and in the host calls it makes.
+    pub filter_work: f64,
+    /// `zklb` − `native_random`: zklb in all.
+    pub zklb: f64,
+}
+
+impl Shares {
+    /// The split of `figure`; `None` if a variant it needs has no figure.
+    pub fn of(figure: &dyn Fn(Variant) -> Option<f64>) -> Option<Shares> {
+        let native = figure(Variant::NativeRandom)?;
+        let noop = figure(Variant::NoopWasm)?;
+        let without_filter = figure(Variant::ZklbWithoutFilter)?;
+        let headers_from_client = figure(Variant::ZklbHeadersFromClient)?;
+        let zklb = figure(Variant::Zklb)?;
+        Some(Shares {
+            any_wasm: noop - native,
+            cluster_setup: without_filter - native,
+            following_decision: headers_from_client - without_filter,
+            filter_work: zklb - noop - (headers_from_client - native),
+            zklb: zklb - native,
+        })
+    }
+}
+
+/// The shares of Envoy's CPU per request, in µs: each the median over rounds of its [`Shares`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Breakdown {
     /// `native_random`: plain Envoy.
     pub native_us: f64,
-    /// `noop_wasm` − `native_random`: having any wasm filter.
-    pub any_wasm_us: f64,
-    /// `zklb_without_filter` − `native_random`: zklb's clusters, policy and header removal.
-    pub cluster_setup_us: f64,
-    /// `zklb_headers_from_client` − `zklb_without_filter`: Envoy routing by the cluster header and
-    /// `override_host` following the candidates, the decision the filter writes.
-    pub following_decision_us: f64,
-    /// `zklb` − `noop_wasm` − (`zklb_headers_from_client` − `native_random`): what the filter
-    /// itself does, in its VM and in the host calls it makes.
-    pub filter_work_us: f64,
-    /// `zklb` − `native_random`: zklb in all.
-    pub zklb_us: f64,
+    /// In µs: each the median over rounds of that round's share.
+    pub shares: Shares,
     /// Median requests per second of `zklb` over that of `noop_wasm`.
     pub rps_vs_noop: f64,
     /// Median CPU per request of `zklb` and `noop_wasm`.
@@ -43,22 +69,9 @@ pub struct Breakdown {
 impl Breakdown {
     /// The split, from the rounds in which all five variants it needs ran; `None` without any.
     pub fn of(rounds: &[Round]) -> Option<Breakdown> {
-        let any_wasm = paired(rounds, |cpu| {
-            Some(cpu(Variant::NoopWasm)? - cpu(Variant::NativeRandom)?)
-        });
-        let cluster = paired(rounds, |cpu| {
-            Some(cpu(Variant::ZklbWithoutFilter)? - cpu(Variant::NativeRandom)?)
-        });
-        let following = paired(rounds, |cpu| {
-            Some(cpu(Variant::ZklbHeadersFromClient)? - cpu(Variant::ZklbWithoutFilter)?)
-        });
-        let filter = paired(rounds, |cpu| {
-            let envoy_side = cpu(Variant::ZklbHeadersFromClient)? - cpu(Variant::NativeRandom)?;
-            Some(cpu(Variant::Zklb)? - cpu(Variant::NoopWasm)? - envoy_side)
-        });
-        let zklb = paired(rounds, |cpu| {
-            Some(cpu(Variant::Zklb)? - cpu(Variant::NativeRandom)?)
-        });
+        let share = |field: fn(&Shares) -> f64| {
+            paired(rounds, |cpu| Shares::of(cpu).map(|shares| field(&shares)))
+        };
         let of = |variant: Variant, field: fn(&Round) -> f64| {
             let values: Vec<f64> = rounds
                 .iter()
@@ -71,11 +84,13 @@ impl Breakdown {
         let cpu = |round: &Round| round.cpu_us_per_request;
         Some(Breakdown {
             native_us: of(Variant::NativeRandom, cpu)?,
-            any_wasm_us: any_wasm?,
-            cluster_setup_us: cluster?,
-            following_decision_us: following?,
-            filter_work_us: filter?,
-            zklb_us: zklb?,
+            shares: Shares {
+                any_wasm: share(|shares| shares.any_wasm)?,
+                cluster_setup: share(|shares| shares.cluster_setup)?,
+                following_decision: share(|shares| shares.following_decision)?,
+                filter_work: share(|shares| shares.filter_work)?,
+                zklb: share(|shares| shares.zklb)?,
+            },
             rps_vs_noop: of(Variant::Zklb, rps)? / of(Variant::NoopWasm, rps)?.max(1e-9),
             zklb_cpu_us: of(Variant::Zklb, cpu)?,
             noop_cpu_us: of(Variant::NoopWasm, cpu)?,
@@ -83,7 +98,7 @@ impl Breakdown {
     }
 
     pub fn filter_work_met(&self) -> bool {
-        self.filter_work_us <= FILTER_WORK_TARGET_US
+        self.shares.filter_work <= FILTER_WORK_TARGET_US
     }
 
     pub fn rps_met(&self) -> bool {
@@ -93,7 +108,7 @@ impl Breakdown {
     /// The most CPU per request zklb may take: `noop_wasm`'s × [`CPU_TARGET_RATIO`] plus the
     /// cluster setup's share (what following the filter's decision costs Envoy counts against it).
     pub fn cpu_limit_us(&self) -> f64 {
-        CPU_TARGET_RATIO * self.noop_cpu_us + self.cluster_setup_us
+        CPU_TARGET_RATIO * self.noop_cpu_us + self.shares.cluster_setup
     }
 
     pub fn cpu_met(&self) -> bool {
@@ -181,12 +196,12 @@ mod tests {
         let split = Breakdown::of(&two_rounds()).expect("all five variants ran");
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(split.native_us, 75.0), "{split:?}");
-        assert!(close(split.any_wasm_us, 9.0), "{split:?}");
-        assert!(close(split.cluster_setup_us, 4.5), "{split:?}");
-        assert!(close(split.following_decision_us, 1.5), "{split:?}");
+        assert!(close(split.shares.any_wasm, 9.0), "{split:?}");
+        assert!(close(split.shares.cluster_setup, 4.5), "{split:?}");
+        assert!(close(split.shares.following_decision, 1.5), "{split:?}");
         // Round 1: 60 − 56 − (54 − 50) = 0; round 2: 120 − 112 − (108 − 100) = 0.
-        assert!(close(split.filter_work_us, 0.0), "{split:?}");
-        assert!(close(split.zklb_us, 15.0), "{split:?}");
+        assert!(close(split.shares.filter_work, 0.0), "{split:?}");
+        assert!(close(split.shares.zklb, 15.0), "{split:?}");
         assert!(
             close(split.rps_vs_noop, (430.0 + 860.0) / (450.0 + 900.0)),
             "{split:?}"

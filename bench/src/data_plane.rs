@@ -4,7 +4,7 @@
 //! worker and is loaded by wrk in interleaved rounds. Envoy's CPU time per request comes from
 //! `/proc/<pid>/stat`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -132,7 +132,7 @@ pub struct Round {
 }
 
 /// The Envoys under test, with what serves and registers their backends.
-struct Envoys {
+pub struct Envoys {
     native: Envoy,
     noop: Envoy,
     without_filter: Envoy,
@@ -153,7 +153,7 @@ struct Envoys {
 }
 
 impl Envoys {
-    fn of(&self, variant: Variant) -> &Envoy {
+    pub fn of(&self, variant: Variant) -> &Envoy {
         match variant {
             Variant::NativeRandom => &self.native,
             Variant::NoopWasm => &self.noop,
@@ -166,7 +166,7 @@ impl Envoys {
     }
 
     /// The headers every request of `variant` carries.
-    fn headers(&self, variant: Variant) -> Vec<String> {
+    pub fn headers(&self, variant: Variant) -> Vec<String> {
         match variant {
             Variant::ZklbHeadersFromClient => self.client_decision.clone(),
             _ => vec![format!("Host: {}", variant.service())],
@@ -177,7 +177,7 @@ impl Envoys {
 /// Starts every variant, warms each up, and runs `settings.rounds` interleaved rounds.
 pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Round>> {
     let clock_ticks = procfs::clock_ticks_per_second()?;
-    let envoys = start(dir, settings).await?;
+    let envoys = start(dir, settings, &[]).await?;
     for variant in Variant::ALL {
         println!("data plane: warming up {}", variant.name());
         // Many instances means as many upstream connections to open before the rounds measure
@@ -229,7 +229,10 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
     Ok(rounds)
 }
 
-async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
+/// Every variant's Envoy, with its backends and registrations, once each serves as its variant
+/// should; started by `launcher` if it is not empty (valgrind, to count instructions: see
+/// [`Envoy::start_under`]).
+pub async fn start(dir: &Path, settings: &Settings, launcher: &[String]) -> anyhow::Result<Envoys> {
     let nginx = Nginx::start(dir, "nginx-data-plane", 0..settings.backends).await;
     let largest = Variant::ALL
         .iter()
@@ -244,6 +247,7 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
         "native-random.yaml",
         &[("BENCH_ENDPOINTS", endpoints.clone())],
         1,
+        launcher,
     )
     .await?;
     let noop_wasm_path = workspace_root().join("target/zklb_noop_filter.wasm");
@@ -261,6 +265,7 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
             ("BENCH_FILTER_WASM", noop_wasm_path.display().to_string()),
         ],
         1,
+        launcher,
     )
     .await?;
 
@@ -292,24 +297,29 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
         }
     }
 
-    let zklb = Envoy::start_with_workers(&control_plane, 1, &zklb_dir).await;
-    let many_dir = dir.join("zklb_many_instances");
-    std::fs::create_dir_all(&many_dir)?;
-    let many_instances = Envoy::start_with_workers(&control_plane, 1, &many_dir).await;
+    let shipped = |dir: PathBuf| async move {
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let config = render_envoy_config(listen_port, admin_port, control_plane.port);
+        envoy_configs::start_rendered(&dir, &config, listen_port, admin_port, 1, launcher).await
+    };
+    let zklb = shipped(zklb_dir.join("envoy")).await?;
+    let many_instances = shipped(dir.join("zklb_many_instances")).await?;
     let without_filter = {
         let (listen_port, admin_port) = (free_port(), free_port());
         let rendered = render_envoy_config(listen_port, admin_port, control_plane.port);
         let config =
             envoy_configs::without_zklb_filter(&rendered, Some(&zklb_wire::cluster_name(SERVICE)))?;
         let variant_dir = dir.join(Variant::ZklbWithoutFilter.name());
-        envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1).await?
+        envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1, launcher)
+            .await?
     };
     let headers_from_client = {
         let (listen_port, admin_port) = (free_port(), free_port());
         let rendered = render_envoy_config(listen_port, admin_port, control_plane.port);
         let config = envoy_configs::without_zklb_filter(&rendered, None)?;
         let variant_dir = dir.join(Variant::ZklbHeadersFromClient.name());
-        envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1).await?
+        envoy_configs::start_rendered(&variant_dir, &config, listen_port, admin_port, 1, launcher)
+            .await?
     };
     let candidates: Vec<String> = nginx
         .ports
@@ -341,7 +351,8 @@ async fn start(dir: &Path, settings: &Settings) -> anyhow::Result<Envoys> {
         let options = format!(r#""services": {{{}}}"#, services.join(", "));
         let config = with_router_options(&rendered, &options);
         let policies_dir = dir.join("zklb_policies");
-        envoy_configs::start_rendered(&policies_dir, &config, listen_port, admin_port, 1).await?
+        envoy_configs::start_rendered(&policies_dir, &config, listen_port, admin_port, 1, launcher)
+            .await?
     };
 
     let envoys = Envoys {

@@ -8,12 +8,14 @@ use anyhow::{bail, Context as _};
 use zklb_tests::stack::{free_port, workspace_root, Envoy};
 
 /// Envoy from `bench/envoy/<template>` on `workers` workers, its files in `dir`: the template's
-/// variables other than its ports are `more` (`BENCH_ENDPOINTS`, say: [`endpoints_yaml`]).
+/// variables other than its ports are `more` (`BENCH_ENDPOINTS`, say: [`endpoints_yaml`]). A
+/// `launcher` that is not empty starts Envoy (see [`Envoy::start_under`]).
 pub async fn start_template(
     dir: &Path,
     template: &str,
     more: &[(&str, String)],
     workers: u32,
+    launcher: &[String],
 ) -> anyhow::Result<Envoy> {
     let (listen_port, admin_port) = (free_port(), free_port());
     let mut variables = vec![
@@ -22,7 +24,7 @@ pub async fn start_template(
     ];
     variables.extend(more.iter().cloned());
     let rendered = render_template(template, &variables)?;
-    start_rendered(dir, &rendered, listen_port, admin_port, workers).await
+    start_rendered(dir, &rendered, listen_port, admin_port, workers, launcher).await
 }
 
 /// `bench/envoy/<template>` with its variables replaced.
@@ -37,18 +39,19 @@ fn template_path(template: &str) -> PathBuf {
     workspace_root().join("bench/envoy").join(template)
 }
 
-/// Envoy on `config`, written into `dir`, once live.
+/// Envoy on `config`, written into `dir`, once live; started by `launcher` if it is not empty.
 pub async fn start_rendered(
     dir: &Path,
     config: &str,
     listen_port: u16,
     admin_port: u16,
     workers: u32,
+    launcher: &[String],
 ) -> anyhow::Result<Envoy> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
-    Ok(Envoy::start_with_config(path, listen_port, admin_port, workers, dir).await)
+    Ok(Envoy::start_under(launcher, path, listen_port, admin_port, workers, dir).await)
 }
 
 /// Replaces each `${NAME}` by its value; refuses to leave a `${` behind.

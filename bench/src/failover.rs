@@ -127,6 +127,7 @@ pub async fn measure(dir: &Path, settings: &Settings) -> anyhow::Result<Vec<Roun
             ("BENCH_EDS_SERVICE", zklb_wire::cluster_name(SERVICE)),
         ],
         settings.envoy_workers,
+        &[],
     )
     .await?;
 

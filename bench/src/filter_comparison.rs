@@ -64,7 +64,8 @@ pub async fn measure(
             .replace(&shipped, &wasm.display().to_string());
         let envoy_dir = dir.join(format!("build-{index}"));
         let envoy =
-            envoy_configs::start_rendered(&envoy_dir, &config, listen_port, admin_port, 1).await?;
+            envoy_configs::start_rendered(&envoy_dir, &config, listen_port, admin_port, 1, &[])
+                .await?;
         let name = wasm.display().to_string();
         wait_for_every_backend(&name, &envoy, SERVICE, BACKENDS).await;
         println!("filter comparison: warming up {name}");

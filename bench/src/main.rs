@@ -4,6 +4,7 @@
 //!
 //! - [`data_plane`]: wrk against Envoy variants in interleaved rounds
 //!   ([`breakdown`] splits its cost; [`envoy_configs`] are the Envoys it compares);
+//! - [`instructions`]: the same Envoys under valgrind, their instructions per request counted;
 //! - [`propagation`]: registry changes timed to the first or last answer through Envoy;
 //! - [`failover`]: a backend crashing under load, through zklb and plain Envoy, counted in
 //!   failed requests, retries and the time to eject it;
@@ -28,6 +29,7 @@ mod failover;
 mod fan_out;
 mod filter_comparison;
 mod filter_scale;
+mod instructions;
 mod list_update;
 mod machine;
 mod nginx;
@@ -76,6 +78,7 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Part {
     DataPlane,
+    Instructions,
     Propagation,
     Failover,
     Scale,
@@ -90,6 +93,13 @@ fn data_plane_settings(quick: bool) -> data_plane::Settings {
         warm_up: Duration::from_secs(if quick { 1 } else { 3 }),
         connections: 50,
         backends: 3,
+    }
+}
+
+fn instructions_settings(quick: bool) -> instructions::Settings {
+    instructions::Settings {
+        warm_up: if quick { 100 } else { 300 },
+        requests: if quick { 300 } else { 2_000 },
     }
 }
 
@@ -197,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let data_plane_settings = data_plane_settings(args.quick);
+    let instructions_settings = instructions_settings(args.quick);
     let propagation_settings = propagation_settings(args.quick);
     let failover_settings = failover_settings(args.quick);
     let scale_settings = scale_settings(args.quick);
@@ -206,6 +217,13 @@ async fn main() -> anyhow::Result<()> {
     let measured = async {
         let data_plane = if wants(Part::DataPlane) {
             Some(data_plane::measure(dir.path(), &data_plane_settings).await?)
+        } else {
+            None
+        };
+        let instructions = if wants(Part::Instructions) {
+            let dir = dir.path().join("instructions");
+            std::fs::create_dir_all(&dir)?;
+            Some(instructions::measure(&dir, &data_plane_settings, &instructions_settings).await?)
         } else {
             None
         };
@@ -236,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         };
         anyhow::Ok((
             data_plane,
+            instructions,
             propagation,
             failover,
             scale,
@@ -244,13 +263,14 @@ async fn main() -> anyhow::Result<()> {
         ))
     }
     .await;
-    let (data_plane, propagation, failover, scale, fan_out, filter_scale) = match measured {
-        Ok(measured) => measured,
-        Err(error) => {
-            eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
-            return Err(error);
-        }
-    };
+    let (data_plane, instructions, propagation, failover, scale, fan_out, filter_scale) =
+        match measured {
+            Ok(measured) => measured,
+            Err(error) => {
+                eprintln!("zklb-bench: failed; logs kept in {}", dir.keep().display());
+                return Err(error);
+            }
+        };
 
     let mut command = "bench/run".to_string();
     if args.quick {
@@ -273,6 +293,9 @@ async fn main() -> anyhow::Result<()> {
         data_plane: data_plane
             .as_deref()
             .map(|rounds| (&data_plane_settings, rounds)),
+        instructions: instructions
+            .as_deref()
+            .map(|counts| (&instructions_settings, counts)),
         propagation: propagation
             .as_ref()
             .map(|results| (&propagation_settings, results)),

