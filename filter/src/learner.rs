@@ -8,7 +8,7 @@ use proxy_wasm::hostcalls;
 use crate::ejection::{attempts_outcomes, EjectionPolicy};
 use crate::host::{attempts_and_status, upstream_address};
 use crate::metrics::Metrics;
-use crate::shared::{CANDIDATES_PROPERTY, EJECTION_POLICY_KEY, LEARNER_KEY};
+use crate::shared::{CANDIDATES_PROPERTY, EJECTION_POLICY_KEY, LEARNER_HEARTBEAT, LEARNER_KEY};
 use crate::shared_ejections::{now_ms, SharedEjections};
 
 #[derive(Default)]
@@ -18,12 +18,17 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// Tells the routers that failing requests are learnt from here.
+    /// Tells the routers that failing requests are learnt from here, and keeps telling them.
     pub fn start() -> Learner {
-        if let Err(status) = hostcalls::set_shared_data(LEARNER_KEY, Some(b"1"), None) {
-            log::error!("zklb learner: cannot say that it runs: {status:?}");
+        if let Err(status) = hostcalls::set_tick_period(LEARNER_HEARTBEAT) {
+            log::error!("zklb learner: cannot set a tick: {status:?}");
         }
+        say_it_runs();
         Learner::default()
+    }
+
+    pub fn on_tick(&mut self) {
+        say_it_runs();
     }
 
     pub fn on_log(&mut self) {
@@ -53,6 +58,13 @@ impl Learner {
             .record(&outcomes, now_ms(), &policy, &mut self.metrics);
         // Failing requests are few: their counts need not wait for a tick.
         self.metrics.flush();
+    }
+}
+
+fn say_it_runs() {
+    let now = now_ms().to_string();
+    if let Err(status) = hostcalls::set_shared_data(LEARNER_KEY, Some(now.as_bytes()), None) {
+        log::error!("zklb learner: cannot say that it runs: {status:?}");
     }
 }
 

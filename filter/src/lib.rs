@@ -94,7 +94,8 @@ impl RootContext for Root {
         match self {
             Root::Poller(poller) => poller.on_tick(),
             Root::Router(router) => router.on_tick(),
-            Root::Learner(_) | Root::Unconfigured => {}
+            Root::Learner(learner) => learner.on_tick(),
+            Root::Unconfigured => {}
         }
     }
 

@@ -18,7 +18,7 @@ use crate::host::{attempts_and_status, request_header, upstream_address};
 use crate::metrics::{self, Metrics};
 use crate::plan::plan_request;
 use crate::shared::{
-    service_key, Index, CANDIDATES_PROPERTY, EJECTION_POLICY_KEY, INDEX_KEY, LEARNER_KEY,
+    self, service_key, Index, CANDIDATES_PROPERTY, EJECTION_POLICY_KEY, INDEX_KEY, LEARNER_KEY,
     VERSION_KEY,
 };
 use crate::shared_ejections::{now_ms, SharedEjections};
@@ -155,7 +155,16 @@ impl RouterRoot {
     /// Whatever the gauge says: it stays at 0 where a stats matcher rejects it.
     pub fn on_tick(&mut self) {
         take_up_shared_changes(&self.config, &self.table, &self.ejections);
-        self.sightings.learner.set(learner_runs());
+        let runs = learner_runs();
+        if self.sightings.learner.replace(runs) != runs {
+            if runs {
+                log::info!(
+                    "zklb router: a learner runs in the access log and learns from failures"
+                );
+            } else {
+                log::info!("zklb router: no learner runs: learning from every answer");
+            }
+        }
         self.metrics.borrow_mut().flush();
     }
 
@@ -200,12 +209,12 @@ fn take_up_shared_changes(
     }
 }
 
-/// Whether a learner has said it runs.
+/// Whether a learner says it runs.
 fn learner_runs() -> bool {
-    hostcalls::get_shared_data(LEARNER_KEY)
+    let said = hostcalls::get_shared_data(LEARNER_KEY)
         .ok()
-        .and_then(|(bytes, _)| bytes)
-        .is_some_and(|bytes| !bytes.is_empty())
+        .and_then(|(said, _)| said);
+    shared::learner_runs(said.as_deref(), now_ms())
 }
 
 pub struct Request {

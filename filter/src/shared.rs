@@ -22,8 +22,19 @@ pub const EJECTION_POLICY_KEY: &str = "zklb.ejection_policy";
 /// The request's property (Envoy filter state) in which the router leaves its candidates for the
 /// learner.
 pub const CANDIDATES_PROPERTY: &str = "zklb_candidates";
-/// Non-empty once a learner runs in Envoy's access log.
+/// When a learner in Envoy's access log last said it runs (milliseconds since the Unix epoch).
 pub const LEARNER_KEY: &str = "zklb.learner";
+/// How often a learner says it runs...
+pub const LEARNER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// ...and how long after its last word the routers take it to be gone (a configuration without
+/// it loaded since), and learn from every answer again.
+const LEARNER_SILENCE_MS: u64 = 5_000;
+
+/// Whether the learner whose last word is `said` ([`LEARNER_KEY`]'s value) runs at `now_ms`.
+pub fn learner_runs(said: Option<&[u8]>, now_ms: u64) -> bool {
+    said.and_then(|said| std::str::from_utf8(said).ok()?.parse::<u64>().ok())
+        .is_some_and(|at| now_ms.saturating_sub(at) <= LEARNER_SILENCE_MS)
+}
 
 /// The shared-data entry holding one service's JSON.
 pub fn service_key(name: &str) -> String {
@@ -186,6 +197,18 @@ mod tests {
             "{:?}",
             written(&publication)
         );
+    }
+
+    #[test]
+    fn a_learner_runs_while_it_keeps_saying_so() {
+        assert!(learner_runs(Some(b"10000"), 10_000));
+        assert!(learner_runs(Some(b"10000"), 15_000));
+        assert!(!learner_runs(Some(b"10000"), 15_001));
+        // Another worker's clock a little ahead.
+        assert!(learner_runs(Some(b"10100"), 10_000));
+        assert!(!learner_runs(None, 10_000));
+        assert!(!learner_runs(Some(b""), 10_000));
+        assert!(!learner_runs(Some(b"yes"), 10_000));
     }
 
     #[test]

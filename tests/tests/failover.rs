@@ -123,6 +123,26 @@ async fn a_dead_host_is_ejected_by_every_worker_and_readmitted_when_it_returns()
             .any(|line| line.contains("zklb_learner") && line.contains("ejecting")),
         "the learner ejected nothing"
     );
+    // It keeps saying it runs: past the silence after which the routers would take it to be
+    // gone, they still leave failures to it.
+    eventually(Duration::from_secs(30), "Envoy has run 7 s", || async {
+        let uptime = stack.envoy.stat("server.uptime").await;
+        if uptime >= 7 {
+            Ok(())
+        } else {
+            Err(format!("{uptime} s"))
+        }
+    })
+    .await;
+    let log = stack.envoy.log();
+    assert!(
+        log.contains("a learner runs"),
+        "the routers never saw the learner"
+    );
+    assert!(
+        !log.contains("no learner runs"),
+        "the routers stopped hearing from the learner"
+    );
 }
 
 /// With an Envoy configuration of a user's own that has no learner in its access log, the
