@@ -1,12 +1,12 @@
 //! Envoy's instructions per request for every data-plane variant, counted by valgrind's
-//! callgrind. A count is the same for the same binaries and requests whatever else the machine
-//! does, so the filter's share shows to within a few hundred instructions, where CPU time
-//! scatters by microseconds from one round to the next.
+//! callgrind. A count hardly depends on whatever else the machine does (under 1 % between runs),
+//! so the filter's share shows to within a few thousand instructions, where CPU time scatters by
+//! microseconds from one round to the next.
 //!
 //! Each variant's Envoy runs under callgrind with counting off. It is turned on for the counted
 //! requests only, which follow a warm-up one after the other on one connection, then the counts
 //! are dumped and read back. What Envoy does on its own meanwhile (timers, the filter's ticks and
-//! list polls) counts too: a few hundred instructions per request at most.
+//! list polls) counts too, and more so in a slower run: what moves the count between runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

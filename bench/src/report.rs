@@ -294,7 +294,7 @@ fn instructions_section(
     );
     let _ = writeln!(
         out,
-        "Envoy's instructions (every thread, user space) counted by `valgrind --tool=callgrind` over {} requests sent one after the other on one connection, after {} not counted; each variant's Envoy set up as in the data plane. The same binaries and requests give the same counts whatever else the machine does, so a difference of a few hundred instructions is real.\n",
+        "Envoy's instructions (every thread, user space) counted by `valgrind --tool=callgrind` over {} requests sent one after the other on one connection, after {} not counted; each variant's Envoy set up as in the data plane. Counts hardly depend on whatever else the machine does (those of variants that did not change moved by under 1 % between runs here), so a difference of a few thousand instructions is real.\n",
         settings.requests, settings.warm_up
     );
     let _ = writeln!(out, "| variant | instructions/request | × |");
@@ -350,6 +350,7 @@ fn instructions_section(
             "\nµs are instructions at `native_random`'s median CPU time per instruction in this run's data plane (kernel time included, so an estimate)."
         );
     }
+    let _ = writeln!(out);
 }
 
 /// The rows of a split: what the share is, how it is taken, its figure.
