@@ -5,8 +5,7 @@
 
 use proxy_wasm::hostcalls;
 
-use crate::ejection::{attempts_outcomes, EjectionPolicy};
-use crate::host::{attempts_and_status, upstream_address};
+use crate::ejection::EjectionPolicy;
 use crate::metrics::Metrics;
 use crate::shared::{CANDIDATES_PROPERTY, EJECTION_POLICY_KEY, LEARNER_HEARTBEAT, LEARNER_KEY};
 use crate::shared_ejections::{now_ms, SharedEjections};
@@ -43,19 +42,13 @@ impl Learner {
         else {
             return;
         };
-        let (attempts, status) = attempts_and_status();
-        let upstream = upstream_address();
-        let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) else {
-            return;
-        };
-        if attempts > 1 {
-            if let Some(service) = upstream_service() {
-                self.metrics.count(&format!("zklb.retried.{service}"), 1);
-            }
-        }
-        let outcomes = attempts_outcomes(&candidates, attempts, upstream.as_deref(), status);
-        self.ejections
-            .record(&outcomes, now_ms(), &policy, &mut self.metrics);
+        let service = upstream_service();
+        self.ejections.learn_from_answer(
+            service.as_deref(),
+            &candidates,
+            &policy,
+            &mut self.metrics,
+        );
         // Failing requests are few: their counts need not wait for a tick.
         self.metrics.flush();
     }

@@ -13,7 +13,7 @@ use zklb_wire::{ErrorBody, Service, Version};
 
 use crate::balancer::{Policy, Preferences};
 use crate::config::RouterConfig;
-use crate::ejection::{attempts_outcomes, EjectionPolicy, Outcome};
+use crate::ejection::Outcome;
 use crate::host::{attempts_and_status, request_header, upstream_address};
 use crate::metrics::{self, Metrics};
 use crate::plan::plan_request;
@@ -152,7 +152,8 @@ impl RouterRoot {
         }
     }
 
-    /// Whatever the gauge says: it stays at 0 where a stats matcher rejects it.
+    /// Looks at shared data whatever the gauge says (a stats matcher that rejects the gauge
+    /// holds it at 0), and at whether a learner runs.
     pub fn on_tick(&mut self) {
         take_up_shared_changes(&self.config, &self.table, &self.ejections);
         let runs = learner_runs();
@@ -241,35 +242,6 @@ impl Request {
         let changes = self.metrics.borrow_mut().gauge(metrics::SHARED_CHANGES);
         if self.sightings.changes.replace(Some(changes)) != Some(changes) {
             take_up_shared_changes(&self.config, &self.table, &self.ejections);
-        }
-    }
-
-    /// Learns from every answer, where no learner runs in Envoy's access log: two reads per
-    /// request.
-    fn learn(&self, service: &str, candidates: &str, policy: &EjectionPolicy) {
-        let (attempts, status) = attempts_and_status();
-        if attempts.is_some_and(|attempts| attempts > 1) {
-            self.metrics
-                .borrow_mut()
-                .count(&format!("zklb.retried.{service}"), 1);
-        }
-        let first = candidates.split(',').next().unwrap_or_default();
-        // The common case, a first attempt that answered for a host without a record, changes
-        // nothing: no more host calls.
-        let uneventful =
-            attempts == Some(1) && status < 500 && !self.ejections.borrow().table.knows(first);
-        if uneventful {
-            return;
-        }
-        let upstream = upstream_address();
-        if let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) {
-            let outcomes = attempts_outcomes(candidates, attempts, upstream.as_deref(), status);
-            self.ejections.borrow_mut().record(
-                &outcomes,
-                now_ms(),
-                policy,
-                &mut self.metrics.borrow_mut(),
-            );
         }
     }
 }
@@ -380,7 +352,13 @@ impl HttpContext for Request {
         if let Some(policy) = self.config.ejection {
             let first = candidates.split(',').next().unwrap_or_default();
             if !self.sightings.learner.get() {
-                self.learn(&service, &candidates, &policy);
+                // Where no learner runs in Envoy's access log: two reads per request.
+                self.ejections.borrow_mut().learn_from_answer(
+                    Some(&service),
+                    &candidates,
+                    &policy,
+                    &mut self.metrics.borrow_mut(),
+                );
             } else if self.ejections.borrow().table.knows(first) {
                 // Failing requests go to the learner; a first attempt that answered is this
                 // filter's to see, for a host with a record, which the success clears.

@@ -4,7 +4,8 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
-use crate::ejection::{EjectionPolicy, Ejections, Outcome};
+use crate::ejection::{attempts_outcomes, EjectionPolicy, Ejections, Outcome};
+use crate::host::{attempts_and_status, upstream_address};
 use crate::metrics::{self, Metrics};
 use crate::shared::EJECTIONS_KEY;
 
@@ -31,6 +32,33 @@ impl SharedEjections {
         }
         self.table = parse_ejections(bytes.as_deref());
         self.cas = cas;
+    }
+
+    /// Learns from the answer of the request at hand, which went to `candidates` of `service`
+    /// (counted in its `zklb.retried` when it took more attempts than one): Envoy says how many
+    /// attempts it made, with what status, and which upstream answered.
+    pub fn learn_from_answer(
+        &mut self,
+        service: Option<&str>,
+        candidates: &str,
+        policy: &EjectionPolicy,
+        metrics: &mut Metrics,
+    ) {
+        let (attempts, status) = attempts_and_status();
+        if let Some(service) = service.filter(|_| attempts.is_some_and(|attempts| attempts > 1)) {
+            metrics.count(&format!("zklb.retried.{service}"), 1);
+        }
+        let first = candidates.split(',').next().unwrap_or_default();
+        // The common case, a first attempt that answered for a host without a record, changes
+        // nothing: no more host calls.
+        if attempts == Some(1) && status < 500 && !self.table.knows(first) {
+            return;
+        }
+        let upstream = upstream_address();
+        if let Some(attempts) = attempts.or(upstream.as_ref().map(|_| 1)) {
+            let outcomes = attempts_outcomes(candidates, attempts, upstream.as_deref(), status);
+            self.record(&outcomes, now_ms(), policy, metrics);
+        }
     }
 
     /// Records what a finished request says about its hosts, with compare-and-swap so that no

@@ -116,11 +116,7 @@ async fn a_dead_host_is_ejected_by_every_worker_and_readmitted_when_it_returns()
     a_dead_host_is_ejected_and_readmitted(&stack).await;
     // Failing requests reach the learner in Envoy's access log, and it ejects.
     assert!(
-        stack
-            .envoy
-            .log()
-            .lines()
-            .any(|line| line.contains("zklb_learner") && line.contains("ejecting")),
+        ejected_by(&stack, "zklb_learner"),
         "the learner ejected nothing"
     );
     // It keeps saying it runs: past the silence after which the routers would take it to be
@@ -159,13 +155,18 @@ async fn without_the_learner_the_routers_eject_a_dead_host_themselves() {
     let stack = Stack::around(zookeeper, control_plane, envoy, "/services", dir).await;
     a_dead_host_is_ejected_and_readmitted(&stack).await;
     assert!(
-        stack
-            .envoy
-            .log()
-            .lines()
-            .any(|line| line.contains("zklb_router") && line.contains("ejecting")),
+        ejected_by(&stack, "zklb_router"),
         "the routers ejected nothing"
     );
+}
+
+/// Whether Envoy's log has an ejection by `plugin` (the learner's or the router's name).
+fn ejected_by(stack: &Stack, plugin: &str) -> bool {
+    stack
+        .envoy
+        .log()
+        .lines()
+        .any(|line| line.contains(plugin) && line.contains("ejecting"))
 }
 
 /// `config` without the access log that runs the learner.
