@@ -92,10 +92,12 @@ async fn the_status_page_shows_what_the_api_lists_and_the_log_is_json() {
                     all.iter()
                         .any(|i| i["hostname"] == "localhost" && i["address"] == "127.0.0.1")
                 });
-            if resolved
-                && listing["conflicts"]["Orders"].is_string()
-                && listing["services"]["web"].is_object()
-            {
+            // The web instance is the last znode created: once it is listed, no later version
+            // can come between this listing and the page.
+            let web_instance = listing["services"]["web"]["instances"]
+                .as_array()
+                .is_some_and(|all| !all.is_empty());
+            if resolved && listing["conflicts"]["Orders"].is_string() && web_instance {
                 Ok(listing)
             } else {
                 Err(listing.to_string())
